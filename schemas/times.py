@@ -1,0 +1,47 @@
+"""Timestamps on the wire: ISO 8601 / RFC 3339 date-times that always carry a zone offset.
+
+Event time decides the order in which observations reach a twin, so a zone-less time (whose
+instant depends on where it is read) is refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from .errors import ContractError
+
+# Same pattern as envelope.json#/$defs/dateTime (a test keeps the two equal).
+DATETIME_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+_DATETIME_RE = re.compile(DATETIME_PATTERN.removesuffix("$") + r"\Z")
+
+
+def parse_time(value: str) -> datetime:
+    """Parse a wire timestamp into an aware datetime; raise ContractError otherwise."""
+    if not isinstance(value, str) or not _DATETIME_RE.match(value):
+        raise ContractError(
+            f"{value!r:.80} is not an ISO 8601 date-time with a zone offset "
+            "(e.g. 2024-03-01T09:30:00+01:00 or 2024-03-01T08:30:00Z)"
+        )
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ContractError(f"{value!r} is not a valid date-time: {exc}") from None
+    return parsed
+
+
+def format_time(moment: datetime) -> str:
+    """Format an aware datetime for the wire (ISO 8601 with its zone offset)."""
+    if not isinstance(moment, datetime):
+        raise ContractError(f"expected a datetime, got {type(moment).__name__}")
+    offset = moment.utcoffset()
+    if offset is None:
+        raise ContractError(
+            f"{moment.isoformat()} has no time zone; pass an aware datetime "
+            "(e.g. datetime(..., tzinfo=timezone.utc))"
+        )
+    if offset.total_seconds() % 60:
+        raise ContractError(f"zone offset {offset} has seconds, which ISO 8601 cannot carry")
+    return moment.isoformat()
