@@ -1,0 +1,343 @@
+"""Observation operators: what each kind of measurement sees of an ensemble, and its noise model.
+
+Two halves:
+
+* Compaction (``compact_imaging``): an imaging study becomes the few hundred voxel values the
+  analysis uses, chosen from the study itself (never from the forecast), so the same study
+  always yields the same observations. The compact form is what the engine journals and what a
+  re-analysis replays; a full image never has to be kept.
+* Operators (``density_operator`` ...): tensor functions of the ensemble u [P, N, X, Y, Z]
+  (and log-shedding coefficients [P, N]) returning an ``ObsBlock``: predicted observations
+  HX [P, N, m], observed values y [P, m], error variances r_var [P, m] and, for spatial
+  observations, voxel locations [P, m, 3] in grid-index units for localization.
+
+Noise models (defaults match the virtual-patient generator, models.virtual_patient):
+density additive Gaussian (sd 0.05 of capacity); segmentation labels against a soft
+segmentation; volume Gaussian with a relative and an absolute part; markers and ctDNA
+log-normal, compared in log space.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.observables import VISIBLE_THRESHOLD, soft_segmentation, tumor_burden
+
+from .observations import ImagingObservation, ObservationBase, as_tensor
+
+__all__ = [
+    "CompactImaging",
+    "NoiseModel",
+    "ObsBlock",
+    "VoxelSelection",
+    "compact_imaging",
+    "concat_blocks",
+    "ctdna_operator",
+    "density_operator",
+    "density_sum_operator",
+    "marker_operator",
+    "segmentation_operator",
+    "select_voxels",
+    "smooth_study",
+    "volume_operator",
+]
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """Observation-error standard deviations.
+
+    density_sd:        additive, fraction of capacity (cellularity maps).
+    segmentation_sd:   additive on 0/1 labels compared with a soft segmentation.
+    volume_rel_sd, volume_abs_sd_ml: volume error sd = sqrt((rel * V)² + abs²), mL.
+    marker_log_sd:     sd of log(marker value).
+    ctdna_log_sd:      sd of log(tumour fraction).
+    ctdna_lod:         assay limit of detection; fractions below it are reported at it, so the
+                       operator censors its prediction the same way.
+    """
+
+    density_sd: float = 0.05
+    segmentation_sd: float = 0.25
+    volume_rel_sd: float = 0.10
+    volume_abs_sd_ml: float = 0.5
+    marker_log_sd: float = 0.10
+    ctdna_log_sd: float = 0.20
+    ctdna_lod: float = 1e-4
+
+
+@dataclass(frozen=True)
+class VoxelSelection:
+    """Which voxels of an image enter the analysis (m <= max_obs).
+
+    signal_threshold: voxels where the locally smoothed study reaches it are "signal"
+                      (about 4 sd of the smoothed noise of a 0.05-sd density map; for
+                      segmentations 0.1, so that even a single labelled voxel counts).
+                      Selection only decides where the study is compared with the ensemble,
+                      so a few spurious signal voxels cost a few observations, nothing more.
+    margin:           signal is dilated by this many voxels, so the rim where a forecast may
+                      have grown past the visible tumour is observed as well.
+    background_stride: a regular lattice of every stride-th voxel per axis inside the brain
+                      observes the rest (where a forecast may have spread and the study says
+                      there is nothing).
+    max_obs:          cap on m; signal voxels are kept first, each part thinned evenly.
+    """
+
+    signal_threshold: float = 0.05
+    margin: int = 1
+    background_stride: int = 3
+    max_obs: int = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompactImaging(ObservationBase):
+    """An imaging study as the analysis uses it (and as the journal keeps it).
+
+    channel:  "density" | "segmentation" | "volume".
+    shape:    the study grid (X, Y, Z); spacing_mm its voxel size.
+    index:    [m] int64 flat voxel indices (C order) for density/segmentation, else None.
+    values:   [m] float32 observed values at ``index``, else None.
+    tumor_volume_ml: the visible volume, measured upstream or counted on the study.
+    """
+
+    channel: str
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    index: Tensor | None = None
+    values: Tensor | None = None
+    tumor_volume_ml: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.channel not in ("density", "segmentation", "volume"):
+            raise ValueError(f"unknown imaging channel {self.channel!r}")
+        if self.channel == "volume" and self.tumor_volume_ml is None:
+            raise ValueError("a volume observation needs tumor_volume_ml")
+        if self.channel != "volume" and (self.index is None or self.values is None):
+            raise ValueError(f"a {self.channel} observation needs index and values")
+
+
+@dataclass(frozen=True)
+class ObsBlock:
+    """Predicted and observed values of one group of observations.
+
+    HX [P, N, m]; y [P, m]; r_var [P, m] error variances; locations [P, m, 3] voxel indices
+    (float, grid-index units) for spatial observations, None otherwise.
+    """
+
+    HX: Tensor
+    y: Tensor
+    r_var: Tensor
+    locations: Tensor | None = None
+
+    @property
+    def m(self) -> int:
+        return int(self.y.shape[-1])
+
+
+def select_voxels(values: Tensor, brain: Tensor, selection: VoxelSelection) -> Tensor:
+    """Flat indices [m] (sorted, int64) of the voxels of ``values`` [X, Y, Z] to observe.
+
+    Depends only on the study and the brain mask ``brain`` [X, Y, Z] bool: signal voxels
+    dilated by ``margin`` plus a strided background lattice, all inside the brain, thinned
+    evenly to at most ``max_obs`` with signal first.
+    """
+    brain = brain.to(torch.bool)
+    signal = (smooth_study(values, brain) >= selection.signal_threshold) & brain
+    if selection.margin > 0 and bool(signal.any()):
+        k = 2 * selection.margin + 1
+        near = F.max_pool3d(signal[None, None].to(torch.float32), kernel_size=k, stride=1, padding=selection.margin)
+        region = (near[0, 0] > 0.5) & brain
+    else:
+        region = signal
+    s = max(1, int(selection.background_stride))
+    lattice = torch.zeros_like(brain)
+    lattice[::s, ::s, ::s] = True
+    background = lattice & brain & ~region
+    first = _thin(torch.nonzero(region.flatten()).squeeze(-1), selection.max_obs)
+    rest = _thin(torch.nonzero(background.flatten()).squeeze(-1), selection.max_obs - first.numel())
+    return torch.sort(torch.cat([first, rest])).values
+
+
+def smooth_study(values: Tensor, brain: Tensor) -> Tensor:
+    """Binomial [1, 2, 1]/4 smoothing per axis of a study [X, Y, Z] inside the brain: the voxel
+    noise of a density map drops about fourfold while a tumour of a few voxels keeps most of its
+    contrast, so a threshold on the smoothed map finds the tumour without picking up noise.
+    Outside-brain neighbours count as zeros (no renormalization): renormalizing would average
+    fewer voxels at the brain's edge and let the noise there cross the threshold."""
+    k1 = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float32, device=values.device)
+    kernel = (k1[:, None, None] * k1[None, :, None] * k1[None, None, :])[None, None]
+    m = brain.to(torch.float32)
+    return F.conv3d((values.to(torch.float32) * m)[None, None], kernel, padding=1)[0, 0] * m
+
+
+def _thin(index: Tensor, cap: int) -> Tensor:
+    """At most ``cap`` entries of a sorted index, evenly spaced (deterministic)."""
+    if cap <= 0:
+        return index[:0]
+    if index.numel() <= cap:
+        return index
+    pick = torch.linspace(0, index.numel() - 1, cap, dtype=torch.float64, device=index.device).round().long()
+    return index[pick]
+
+
+def compact_imaging(obs: ImagingObservation, brain: Tensor,
+                    selection: VoxelSelection = VoxelSelection()) -> CompactImaging:
+    """The analysis form of a study: a density map if present, else a segmentation, else the
+    measured volume. One channel only: the segmentation and the volume are derived from the same
+    image as the density map, so using them as well would count one measurement several times.
+    ``brain`` [X, Y, Z] bool: the twin's tissue mask (the study must be on the twin's grid).
+    """
+    shape = obs.shape or tuple(int(n) for n in brain.shape)
+    if tuple(shape) != tuple(brain.shape):
+        raise ValueError(f"study grid {shape} differs from the twin's {tuple(brain.shape)}")
+    volume = obs.tumor_volume_ml
+    if volume is None:
+        # The visible volume the study shows, for the parameter stage of the analysis.
+        voxel_ml = math.prod(float(h) for h in obs.spacing_mm) / 1000.0
+        if obs.segmentation is not None:
+            volume = float((as_tensor(obs.segmentation) > 0.5).sum()) * voxel_ml
+        elif obs.density is not None:
+            volume = float((as_tensor(obs.density) >= VISIBLE_THRESHOLD).sum()) * voxel_ml
+    common = dict(event_id=obs.event_id, patient_id=obs.patient_id, time=obs.time,
+                  spacing_mm=tuple(float(h) for h in obs.spacing_mm), tumor_volume_ml=volume)
+    for channel, payload in (("density", obs.density), ("segmentation", obs.segmentation)):
+        if payload is None:
+            continue
+        values = as_tensor(payload).to(device=brain.device, dtype=torch.float32)
+        threshold = selection.signal_threshold if channel == "density" else 0.1
+        sel = VoxelSelection(threshold, selection.margin, selection.background_stride, selection.max_obs)
+        index = select_voxels(values, brain, sel)
+        return CompactImaging(channel=channel, shape=tuple(shape), index=index.cpu(),
+                              values=values.flatten()[index].cpu(), **common)
+    return CompactImaging(channel="volume", shape=tuple(shape), **common)
+
+
+def _locations(index: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Flat C-order indices [..., m] -> voxel coordinates [..., m, 3] in grid-index units."""
+    _, Y, Z = shape
+    i = torch.div(index, Y * Z, rounding_mode="floor")
+    j = torch.div(index % (Y * Z), Z, rounding_mode="floor")
+    k = index % Z
+    return torch.stack([i, j, k], dim=-1).to(dtype)
+
+
+def _gather(field: Tensor, index: Tensor) -> Tensor:
+    """field [P, N, X, Y, Z], index [P, m] -> [P, N, m]."""
+    P, N = field.shape[:2]
+    flat = field.reshape(P, N, -1)
+    return torch.gather(flat, 2, index[:, None, :].expand(P, N, index.shape[-1]))
+
+
+def _positive_part_mean(m: Tensor, sd: float) -> Tensor:
+    """E[max(0, m + e)] for e ~ N(0, sd²): m Φ(m/sd) + sd φ(m/sd)."""
+    z = m / sd
+    return m * torch.special.ndtr(z) + sd * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def density_operator(u: Tensor, index: Tensor, values: Tensor, noise: NoiseModel = NoiseModel()) -> ObsBlock:
+    """Voxel densities at ``index`` [P, m] (flat voxel indices), y = ``values`` [P, m].
+
+    A cellularity map is reported in [0, 1], i.e. the measurement is clamp(u + e, 0, 1) with
+    e ~ N(0, sd²). Its mean is not u: where there is no tumour the map still averages
+    sd/sqrt(2π) (0.02 for sd 0.05), and hundreds of such background voxels compared with
+    HX = u would read as tumour everywhere and drive the diffusivity up. So HX is the exact
+    mean of the clamped measurement, E[clamp(u + e, 0, 1)] = g(u) - g(u - 1) with
+    g(m) = E[max(0, m + e)]; r = sd² (an upper bound of the clamped variance).
+    """
+    index = index.to(u.device)
+    y = values.to(device=u.device, dtype=u.dtype)
+    r = torch.full_like(y, noise.density_sd ** 2)
+    x = _gather(u, index)
+    sd = noise.density_sd
+    hx = _positive_part_mean(x, sd) - _positive_part_mean(x - 1.0, sd) if sd > 0 else x.clamp(0.0, 1.0)
+    return ObsBlock(hx, y, r, _locations(index, u.shape[2:], u.dtype))
+
+
+def density_sum_operator(u: Tensor, index: Tensor, values: Tensor, voxel_ml: float,
+                         noise: NoiseModel = NoiseModel()) -> ObsBlock:
+    """The tumour burden a density map shows over its selected voxels, in mL: y = Σ values · dV,
+    HX = Σ E[clamp(u + e, 0, 1)] · dV over ``index`` [P, m], r = m (sd · dV)² (independent voxel
+    errors). One number per study that summarizes its voxels for the parameters. m = 1."""
+    block = density_operator(u, index, values, noise)
+    n = block.y.shape[-1]
+    y = block.y.sum(-1, keepdim=True) * voxel_ml
+    r = torch.full_like(y, n * (noise.density_sd * voxel_ml) ** 2)
+    return ObsBlock(block.HX.sum(-1, keepdim=True) * voxel_ml, y, r)
+
+
+def segmentation_operator(u: Tensor, index: Tensor, labels: Tensor, noise: NoiseModel = NoiseModel(),
+                          threshold: float = VISIBLE_THRESHOLD) -> ObsBlock:
+    """Segmentation labels: HX = soft_segmentation(u) at ``index`` [P, m], y = labels in {0, 1}."""
+    index = index.to(u.device)
+    y = labels.to(device=u.device, dtype=u.dtype)
+    r = torch.full_like(y, noise.segmentation_sd ** 2)
+    return ObsBlock(_gather(soft_segmentation(u, threshold), index), y, r, _locations(index, u.shape[2:], u.dtype))
+
+
+def volume_operator(u: Tensor, volume_ml: Tensor, voxel_ml: float, noise: NoiseModel = NoiseModel(),
+                    threshold: float = VISIBLE_THRESHOLD) -> ObsBlock:
+    """Visible volume in mL: HX = Σ s(u) · dV with a soft segmentation s (differentiable in u,
+    unlike the hard count), y = ``volume_ml`` [P]. Returns m = 1.
+
+    The sigmoid of ``soft_segmentation`` is 0.005 at u = 0, which summed over a whole brain of
+    empty voxels would claim most of a millilitre of tumour; s is shifted and rescaled so that
+    s(0) = 0 exactly (and s → 1 well above the threshold)."""
+    P, N = u.shape[:2]
+    s0 = soft_segmentation(torch.zeros((), dtype=u.dtype, device=u.device), threshold)
+    s = (soft_segmentation(u, threshold) - s0) / (1.0 - s0)
+    hx = s.reshape(P, N, -1).sum(-1) * voxel_ml
+    y = volume_ml.to(device=u.device, dtype=u.dtype).reshape(P, 1)
+    r = (noise.volume_rel_sd * y) ** 2 + noise.volume_abs_sd_ml ** 2
+    return ObsBlock(hx[..., None], y, r)
+
+
+def _burden(u: Tensor, voxel_ml: float) -> Tensor:
+    P, N = u.shape[:2]
+    return tumor_burden(u.reshape(P * N, *u.shape[2:]), voxel_ml).reshape(P, N)
+
+
+def marker_operator(u: Tensor, log_shedding: Tensor, value: Tensor, baseline: float | Tensor, voxel_ml: float,
+                    noise: NoiseModel = NoiseModel()) -> ObsBlock:
+    """Serum marker in log space: HX = log(baseline + s · burden), s = exp(log_shedding) [P, N]
+    (marker units per mL), burden in mL; y = log(value) [P]. Log-normal noise. m = 1."""
+    burden = _burden(u, voxel_ml)
+    level = torch.as_tensor(baseline, dtype=u.dtype, device=u.device) + log_shedding.to(u.dtype).exp() * burden
+    y = value.to(device=u.device, dtype=u.dtype).reshape(-1, 1).log()
+    return ObsBlock(level.log()[..., None], y, torch.full_like(y, noise.marker_log_sd ** 2))
+
+
+def ctdna_operator(u: Tensor, log_shedding: Tensor, tumor_fraction: Tensor, voxel_ml: float,
+                   noise: NoiseModel = NoiseModel()) -> ObsBlock:
+    """ctDNA tumour fraction in log space: TF = sB / (1 + sB), s = exp(log_shedding) [P, N] in
+    1/mL, B the burden in mL; HX = log(max(TF, lod)), y = log(max(value, lod)) [P]. m = 1.
+
+    log TF = log(sB) - log1p(sB) is evaluated in that form so that tiny burdens do not round to
+    log 0 before the censoring at the limit of detection.
+    """
+    burden = _burden(u, voxel_ml).clamp_min(torch.finfo(u.dtype).tiny)
+    log_sb = log_shedding.to(u.dtype) + burden.log()
+    log_tf = log_sb - torch.log1p(log_sb.exp())
+    lod = math.log(noise.ctdna_lod)
+    y = tumor_fraction.to(device=u.device, dtype=u.dtype).reshape(-1, 1).clamp_min(noise.ctdna_lod).log()
+    return ObsBlock(log_tf.clamp_min(lod)[..., None], y, torch.full_like(y, noise.ctdna_log_sd ** 2))
+
+
+def concat_blocks(blocks: Sequence[ObsBlock]) -> ObsBlock:
+    """One block from several along m. Locations: spatial blocks keep theirs; non-spatial ones
+    get NaN (a localized filter must treat them as global), and None if no block is spatial."""
+    if not blocks:
+        raise ValueError("no observations")
+    HX = torch.cat([b.HX for b in blocks], dim=-1)
+    y = torch.cat([b.y for b in blocks], dim=-1)
+    r = torch.cat([b.r_var for b in blocks], dim=-1)
+    if all(b.locations is None for b in blocks):
+        return ObsBlock(HX, y, r)
+    locs = [b.locations if b.locations is not None
+            else torch.full((*b.y.shape, 3), math.nan, dtype=y.dtype, device=y.device) for b in blocks]
+    return ObsBlock(HX, y, r, torch.cat(locs, dim=-2))
