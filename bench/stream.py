@@ -1,6 +1,6 @@
 """Streaming benchmark: records per second through Kafka, stage by stage.
 
-    python -m bench.stream [--records 20000] [--size 1024] [--partitions 6]
+    python -m bench.stream [--records 20000] [--size 1024] [--partitions 6] [--events 10000]
 
 Uses KAFKA_BOOTSTRAP_SERVERS when set, else the embedded tansu broker. Prints a table, then
 as its last line one JSON object ({"bench": "stream", "raw_produce_per_s": ..., ...}).
@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stream import BatchConsumer, EventProducer, KafkaSettings, Topics, ensure_broker, ensure_topics, record_headers
@@ -37,6 +38,10 @@ class BenchContext:
     broker: str
     # Figures a stage wants in the JSON line besides its rate (e.g. group_join_s).
     extra: dict[str, Any] = field(default_factory=dict)
+    events: int = 10_000  # clinical events for the faust / normalizer stages
+    # State shared by later stages (worker processes, the bench cohort) and what stops them.
+    state: dict[str, Any] = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,274 @@ def raw_consume(ctx: BenchContext) -> StageResult:
     return StageResult("raw_consume", received, end - first_at, payload)
 
 
-# Later: faust_passthrough (agent copying lab -> observations), normalize (JSON -> RDF),
-# end_to_end_latency (p50/p99 from record timestamp to consumer).
-STAGES: list[Stage] = [raw_produce, raw_consume]
+# -- faust and the normalizer ----------------------------------------------------------------
+#
+# Both workers run in their own process (as in production) on the same backlog of clinical
+# events: a virtual cohort's events (mostly treatments, some labs, ctDNA and MRI scans whose
+# claim checks resolve under the cohort folder), cycled with fresh event ids and pseudonyms.
+# Rates are timed from the first output record to the last one, as seen by polling the output
+# topic's end offsets, so worker start-up and group joining are excluded (reported apart).
+
+
+def _bench_events(ctx: BenchContext) -> list[tuple[str, str, bytes, int]]:
+    """(topic, key, value, timestamp ms) of ``ctx.events`` valid clinical events."""
+    if "events" in ctx.state:
+        return ctx.state["events"]  # type: ignore[no-any-return]
+    import tempfile  # noqa: PLC0415
+
+    from models import Grid  # noqa: PLC0415
+    from models.virtual_patient import CohortConfig, generate_cohort  # noqa: PLC0415
+    from schemas import parse_time  # noqa: PLC0415
+    from stream.eventlog import read_events  # noqa: PLC0415
+    from stream.producer import timestamp_ms  # noqa: PLC0415
+    from stream.virtual_feed import write_cohort  # noqa: PLC0415
+
+    root = Path(tempfile.mkdtemp(prefix="oncotwin-bench-"))
+    config = CohortConfig(grid=Grid((16, 16, 16), (5.0, 5.0, 5.0)), observe_days=120, truth_margin_days=10)
+    write_cohort(generate_cohort(2, seed=7, config=config), root)
+    template = read_events(root / "events.jsonl")
+    out = []
+    for i in range(ctx.events):
+        event = dict(template[i % len(template)])
+        event["event_id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench:{i}"))
+        event["patient_id"] = f"PSN-{i % ctx.patients:05d}"
+        value = json.dumps(event).encode()
+        out.append((ctx.topics.event_topic(event["kind"]), event["patient_id"], value, timestamp_ms(parse_time(event["occurred_at"]))))
+    ctx.state["events"] = out
+    ctx.state["cohort_root"] = root
+    kinds: dict[str, int] = {}
+    for topic, *_ in out:
+        kinds[topic.split(".")[-2]] = kinds.get(topic.split(".")[-2], 0) + 1
+    ctx.extra["event_mix"] = kinds
+    return out
+
+
+def _watch(ctx: BenchContext, topic: str, expected: int, process: Any, timeout: float = 300) -> tuple[float, float, float]:
+    """(seconds to the first output record, seconds from first to last, start), reading the
+    output topic from its beginning. (Counting by end offsets would be cheaper, but tansu's
+    high watermarks lag behind what is readable.)"""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: PLC0415
+
+    consumer = Consumer(ctx.settings.consumer_config(f"bench-watch-{uuid.uuid4().hex[:6]}"))
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions])
+        start = time.perf_counter()
+        first = None
+        done = 0
+        deadline = start + timeout
+        while time.perf_counter() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the worker exited with status {process.returncode}")
+            messages = consumer.consume(num_messages=10_000, timeout=0.05)
+            done += sum(1 for m in messages if m.error() is None)
+            now = time.perf_counter()
+            if done > 0 and first is None:
+                first = now
+            if done >= expected:
+                assert first is not None
+                return first - start, now - first, start
+        raise RuntimeError(f"{topic}: only {done} of {expected} records within {timeout:.0f}s")
+    finally:
+        consumer.close()
+
+
+def _count(ctx: BenchContext, topic: str) -> int:
+    from stream import read_all  # noqa: PLC0415
+
+    return len(read_all(ctx.settings, topic, timeout=20, idle_timeout=1.0))
+
+
+def _worker(ctx: BenchContext, args: list[str], env: dict[str, str], log_name: str) -> Any:
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    log_path = Path(tempfile.gettempdir()) / f"{ctx.settings.topic_prefix}-{log_name}.log"
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        env={**os.environ, **env},
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    ctx.cleanups.append(stop)
+    return process
+
+
+def _produce_events(ctx: BenchContext, topic_of: Any = None) -> None:
+    with EventProducer(ctx.settings) as producer:
+        for topic, key, value, ts in _bench_events(ctx):
+            producer.send(topic_of(topic) if topic_of else topic, key, value, timestamp_ms=ts, headers=record_headers())
+        producer.flush(120)
+
+
+def _kafka_env(ctx: BenchContext, group: str) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": ctx.settings.bootstrap_servers,
+        "ONCOTWIN_CONSUMER_GROUP": group,
+        "ONCOTWIN_LOG_LEVEL": "WARNING",
+    }
+
+
+def faust_passthrough(ctx: BenchContext) -> StageResult:
+    """A faust agent copying the event topics to one topic, with the normalizer's plumbing
+    (take_events micro-batches in, librdkafka out, flush per batch): the ceiling the
+    normalizer is compared with."""
+    prefix = f"{ctx.settings.topic_prefix}-pt"
+    topics = Topics(prefix)
+    ensure_topics(ctx.settings, topics, partitions=ctx.settings.topic_partitions)
+    _produce_events(ctx, lambda topic: topic.replace(ctx.settings.topic_prefix, prefix, 1))
+    env = {**_kafka_env(ctx, f"{prefix}-group"), "ONCOTWIN_TOPIC_PREFIX": prefix}
+    process = _worker(ctx, ["-m", "bench.stream", "--worker", "passthrough"], env, "passthrough")
+    join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process)
+    ctx.extra["passthrough_start_s"] = round(join, 2)
+    return StageResult("faust_passthrough", ctx.events, seconds, sum(len(v) for _, _, v, _ in _bench_events(ctx)))
+
+
+def normalizer(ctx: BenchContext) -> StageResult:
+    """The normalizer worker (python -m stream.agents): parse, contract, terms, claim checks,
+    RDF, SHACL, JSON-LD published, graphs stored in Oxigraph."""
+    import tempfile  # noqa: PLC0415
+
+    # Topics of its own: the raw stages left synthetic (non-event) records in the main ones.
+    prefix = f"{ctx.settings.topic_prefix}-nz"
+    topics = Topics(prefix)
+    ensure_topics(ctx.settings, topics, partitions=ctx.settings.topic_partitions)
+    ctx.state["normalizer_topics"] = topics
+    _produce_events(ctx, lambda topic: topic.replace(ctx.settings.topic_prefix, prefix, 1))
+    data_dir = Path(tempfile.mkdtemp(prefix="oncotwin-bench-data-"))
+    env = {
+        **_kafka_env(ctx, f"{prefix}-group"),
+        "ONCOTWIN_TOPIC_PREFIX": prefix,
+        "ONCOTWIN_IMAGING_ROOT": str(ctx.state["cohort_root"]),
+        "ONCOTWIN_DATA_DIR": str(data_dir),
+        "ONCOTWIN_NORMALIZER_WEB_PORT": "0",
+    }
+    process = _worker(ctx, ["-m", "stream.agents"], env, "normalizer")
+    ctx.state["normalizer"] = process
+    join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process)
+    ctx.extra["normalizer_start_s"] = round(join, 2)
+    ctx.extra["normalizer_dead_letters"] = _count(ctx, topics.deadletter)
+    result = StageResult("normalizer", ctx.events, seconds, sum(len(v) for _, _, v, _ in _bench_events(ctx)))
+    return result
+
+
+def latency(ctx: BenchContext, rate: float = 400.0, seconds: float = 5.0) -> StageResult:
+    """Produce->normalized latency at a steady ``rate`` of events per second (below capacity):
+    from the send of an event to the arrival of its observation at a consumer."""
+    import threading  # noqa: PLC0415
+
+    process = ctx.state["normalizer"]
+    topics: Topics = ctx.state["normalizer_topics"]
+    count = int(rate * seconds)
+    events = _bench_events(ctx)
+    sent_at: dict[str, float] = {}
+    received: dict[str, float] = {}
+    done = threading.Event()
+
+    def consume() -> None:
+        group = f"bench-lat-{uuid.uuid4().hex[:6]}"
+        with BatchConsumer(ctx.settings, group_id=group, config_overrides={"auto.offset.reset": "latest"}) as consumer:
+            consumer.subscribe([topics.observations])
+            ready.set()
+            while not done.is_set():
+                for record in consumer.poll_batch(max_records=1000, timeout=0.1):
+                    event_id = record.headers.get("event-id")
+                    if event_id:
+                        received.setdefault(event_id, time.perf_counter())
+
+    ready = threading.Event()
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    ready.wait(30)
+    time.sleep(ctx.settings.session_timeout_ms / 1000)  # the consumer group forms (tansu)
+    with EventProducer(ctx.settings) as producer:
+        start = time.perf_counter()
+        for i in range(count):
+            topic, key, value, ts = events[i % len(events)]
+            event = json.loads(value)
+            event["event_id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-latency:{i}"))
+            due = start + i / rate
+            pause = due - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            sent_at[event["event_id"]] = time.perf_counter()
+            topic = topic.replace(ctx.settings.topic_prefix, topics.prefix, 1)
+            producer.send(topic, key, json.dumps(event).encode(), timestamp_ms=ts, headers=record_headers())
+            producer.poll(0)
+        producer.flush(60)
+    deadline = time.perf_counter() + 60
+    while len(received.keys() & sent_at.keys()) < count and time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the normalizer exited during the latency stage")
+        time.sleep(0.1)
+    done.set()
+    thread.join(10)
+    latencies = sorted((received[e] - sent_at[e]) * 1000 for e in sent_at if e in received)
+    if not latencies:
+        raise RuntimeError("latency: no observation came back")
+    ctx.extra["latency_events"] = len(latencies)
+    ctx.extra["latency_rate_per_s"] = rate
+    ctx.extra["latency_p50_ms"] = round(latencies[len(latencies) // 2], 1)
+    ctx.extra["latency_p99_ms"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1)
+    return StageResult("latency", len(latencies), seconds, 0)
+
+
+STAGES: list[Stage] = [raw_produce, raw_consume, faust_passthrough, normalizer, latency]
+
+
+# -- the pass-through worker (python -m bench.stream --worker passthrough) -------------------
+
+
+def passthrough_worker() -> int:
+    import asyncio  # noqa: PLC0415
+    import concurrent.futures  # noqa: PLC0415
+
+    import faust  # noqa: PLC0415
+
+    kafka = KafkaSettings.from_env()
+    topics = Topics.from_settings(kafka)
+    app = faust.App(
+        f"{kafka.consumer_group}-passthrough",
+        **kafka.faust_config(),
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        autodiscover=False,
+        web_enabled=False,
+        topic_partitions=kafka.topic_partitions,
+    )
+    channel = app.topic(*topics.events(), key_serializer="raw", value_serializer="raw")
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    producer: dict[str, EventProducer] = {}
+
+    def forward(messages: list[Any]) -> None:
+        out = producer.setdefault("p", EventProducer(kafka))
+        for m in messages:
+            out.send(topics.observations, m.key.decode() if m.key else None, m.value, timestamp_ms=int(m.timestamp * 1000) or None)
+        out.flush(60)
+
+    @app.agent(channel, name="passthrough")
+    async def passthrough(stream: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(500, within=0.05):
+            await loop.run_in_executor(executor, forward, [e.message for e in events])
+
+    worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0
 
 
 def run(
-    records: int, record_bytes: int, partitions: int, patients: int = 1000
+    records: int, record_bytes: int, partitions: int, patients: int = 1000, events: int = 10_000
 ) -> tuple[list[StageResult], dict[str, Any]]:
     base = KafkaSettings.from_env(os.environ)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -135,8 +401,13 @@ def run(
             record_bytes=record_bytes,
             patients=patients,
             broker="embedded tansu" if broker is not None else settings.bootstrap_servers,
+            events=events,
         )
-        results = [stage(ctx) for stage in STAGES]
+        try:
+            results = [stage(ctx) for stage in STAGES]
+        finally:
+            for cleanup in reversed(ctx.cleanups):
+                cleanup()
     finally:
         if broker is not None:
             broker.stop()
@@ -148,9 +419,16 @@ def run(
         "partitions": partitions,
     }
     for result in results:
+        if result.name == "latency":
+            continue
         summary[f"{result.name}_per_s"] = round(result.per_s, 1)
         summary[f"{result.name}_mb_per_s"] = round(result.mb_per_s, 2)
     summary.update(ctx.extra)
+    rates = {r.name: r.per_s for r in results}
+    if "normalizer" in rates and "faust_passthrough" in rates:
+        summary["normalizer_vs_passthrough"] = round(rates["normalizer"] / rates["faust_passthrough"], 3)
+        summary["events"] = events
+        summary["targets_met"] = bool(summary["normalizer_vs_passthrough"] >= 0.5 and rates["normalizer"] >= 2000)
     return results, summary
 
 
@@ -166,8 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--size", type=int, default=1024, help="record value size in bytes")
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--events", type=int, default=10_000, help="clinical events for the faust and normalizer stages")
+    parser.add_argument("--worker", choices=["passthrough"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    results, summary = run(args.records, args.size, args.partitions)
+    if args.worker == "passthrough":
+        return passthrough_worker()
+    results, summary = run(args.records, args.size, args.partitions, events=args.events)
     print(
         f"stream bench: {args.records} records of {args.size} B, {args.partitions} partitions, "
         f"broker {summary['broker']}"

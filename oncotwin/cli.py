@@ -144,6 +144,11 @@ def validate(files: list[Path] = typer.Argument(..., help="JSONL event logs or J
         raise typer.Exit(1)
 
 
+from .ingest_commands import register as _register_ingest  # noqa: E402
+
+_register_ingest(app)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

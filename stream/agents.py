@@ -1,0 +1,315 @@
+"""The normalizer as a faust-streaming app: one agent over the four event topics.
+
+    python -m stream.agents            # or `oncotwin normalize`
+
+The agent reads micro-batches (``stream.take_events(n, within=...)``) of raw records from
+``oncotwin.events.{imaging,lab,ctdna,treatment}.v1`` and hands each batch to a worker thread
+that runs ``stream.normalizer`` and then, in this order:
+
+1. publishes each observation (JSON-LD, key = patient pseudonym, headers, timestamp = event
+   time) to ``oncotwin.observations.v1`` and each dead letter to ``oncotwin.deadletter.v1``,
+   and waits until the brokers acknowledged every record (retrying, never dropping);
+2. adds the observations' graphs to the RDF store (one named graph per event: the durable
+   seen-set that makes duplicates produce one observation);
+3. returns to the agent, which lets faust acknowledge the batch: offsets are committed only
+   for records whose outcome is durable. A crash between 1 and 2 republishes the batch's
+   observations after the restart (at-least-once); consumers deduplicate on the event id.
+
+Records are published with confluent-kafka (librdkafka) rather than faust's aiokafka producer:
+it is several times cheaper per record, and ``flush`` tells exactly whether all were delivered.
+
+The worker also answers SPARQL over the store at ``http://HOST:PORT/sparql?query=...`` (faust's
+web server; Oxigraph admits one writer per store directory, so while the normalizer runs this
+is how others query it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stream.consumer import Record
+from stream.deadletter import DeadLetter
+from stream.normalizer import BatchResult, Normalizer, NormalizerSettings, SourceRecord
+from stream.producer import DeliveryError, EventProducer
+from stream.rdfstore import RdfStore
+from stream.settings import KafkaSettings
+from stream.topics import Topics, ensure_topics
+
+log = logging.getLogger(__name__)
+
+# name -> (default, help), in the shape of stream.settings.ENV_VARS.
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "ONCOTWIN_NORMALIZER_BATCH": ("500", "most records the normalizer handles in one micro-batch"),
+    "ONCOTWIN_NORMALIZER_WITHIN_S": ("0.05", "longest a micro-batch waits to fill (latency under low load)"),
+    "ONCOTWIN_NORMALIZER_WEB_PORT": ("6066", "port of the normalizer's SPARQL endpoint (0: no web server)"),
+    "ONCOTWIN_NORMALIZER_WEB_HOST": ("127.0.0.1", "address the SPARQL endpoint listens on"),
+}
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    batch_size: int = 500
+    batch_within_s: float = 0.05
+    web_port: int = 6066  # 0 disables the web server
+    web_host: str = "127.0.0.1"
+    data_dir: Path = Path("data")
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "rdf"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AgentSettings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str:
+            return (env.get(name, "") or ENV_VARS[name][0]).strip()
+
+        return cls(
+            batch_size=max(1, int(get("ONCOTWIN_NORMALIZER_BATCH"))),
+            batch_within_s=max(0.001, float(get("ONCOTWIN_NORMALIZER_WITHIN_S"))),
+            web_port=int(get("ONCOTWIN_NORMALIZER_WEB_PORT")),
+            web_host=get("ONCOTWIN_NORMALIZER_WEB_HOST"),
+            data_dir=Path(env.get("ONCOTWIN_DATA_DIR", "") or "data"),
+        )
+
+
+@dataclass
+class Counters:
+    records: int = 0
+    observations: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    by_stage: dict[str, int] = field(default_factory=dict)
+
+    def add(self, result: BatchResult, records: int) -> None:
+        self.records += records
+        self.batches += 1
+        self.observations += len(result.observations)
+        self.dead_letters += len(result.dead_letters)
+        self.duplicates += len(result.duplicates)
+        for dead in result.dead_letters:
+            self.by_stage[dead.stage] = self.by_stage.get(dead.stage, 0) + 1
+
+
+class NormalizerService:
+    """The Kafka- and store-facing side of the normalizer, independent of faust."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        normalizer: Normalizer,
+        store: RdfStore,
+        *,
+        retry_pause_s: float = 1.0,
+    ) -> None:
+        self.kafka = kafka
+        self.topics = normalizer.topics
+        self.normalizer = normalizer
+        self.store = store
+        self.counters = Counters()
+        self.retry_pause_s = retry_pause_s
+        self._producer = EventProducer(kafka)
+        self._lock = threading.Lock()
+
+    def handle(self, records: Sequence[SourceRecord]) -> BatchResult:
+        """Normalize, publish (until acknowledged), store. Runs in one worker thread."""
+        with self._lock:
+            result = self.normalizer.process(records, seen=self.store.contains_event)
+            self._publish(result.observations, result.dead_letters)
+            if result.observations:
+                self.store.add_graphs([o.graph for o in result.observations])
+            self.counters.add(result, len(records))
+            for dead in result.dead_letters:
+                log.warning(
+                    "dead letter %s[%d]@%d stage=%s: %s",
+                    dead.topic, dead.partition, dead.offset, dead.stage, dead.reason[:300],
+                )
+            if result.duplicates:
+                log.info("skipped %d duplicate event(s) already published", len(result.duplicates))
+            return result
+
+    def _publish(self, observations: Sequence[Any], dead_letters: Sequence[DeadLetter]) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                for o in observations:
+                    self._producer.send(self.topics.observations, o.key, o.value, timestamp_ms=o.timestamp_ms, headers=o.headers)
+                for d in dead_letters:
+                    ts = d.timestamp_ms if d.timestamp_ms and d.timestamp_ms > 0 else None
+                    self._producer.send(self.topics.deadletter, d.key, d.to_bytes(), timestamp_ms=ts, headers=d.record_headers())
+                self._producer.flush(max(30.0, self.kafka.delivery_timeout_ms / 1000 + 5))
+                return
+            except DeliveryError as exc:
+                # Not acknowledged: the batch is sent again (consumers deduplicate on event id);
+                # its offsets are not committed until it went through.
+                log.error("publishing a batch failed (attempt %d), retrying: %s", attempt, exc)
+                time.sleep(min(30.0, self.retry_pause_s * attempt))
+
+    def query_json(self, sparql: str) -> dict[str, Any]:
+        with self._lock:
+            return self.store.query_json(sparql)
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._producer.close(10)
+            except DeliveryError as exc:
+                log.error("records not delivered at shutdown: %s", exc)
+            self.store.flush()
+
+
+def source_record(message: Any) -> SourceRecord:
+    """A faust (aiokafka) message as a SourceRecord."""
+    raw_headers = message.headers or []
+    items: Iterable[tuple[Any, Any]] = raw_headers.items() if isinstance(raw_headers, Mapping) else raw_headers
+    headers = {str(k): (v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)) for k, v in items}
+    key = message.key
+    return SourceRecord(
+        topic=message.topic,
+        partition=int(message.partition),
+        offset=int(message.offset),
+        key=key.decode("utf-8", "replace") if isinstance(key, (bytes, bytearray)) else key,
+        value=bytes(message.value) if message.value is not None else None,
+        headers=headers,
+        timestamp_ms=int(round(message.timestamp * 1000)) if message.timestamp else None,
+    )
+
+
+def record_to_source(record: Record) -> SourceRecord:
+    return SourceRecord(record.topic, record.partition, record.offset, record.key, record.value, record.headers, record.timestamp_ms)
+
+
+def create_app(
+    kafka: KafkaSettings,
+    settings: NormalizerSettings,
+    agent_settings: AgentSettings,
+    *,
+    app_id: str | None = None,
+) -> Any:
+    """The faust app with the normalizer agent (and the SPARQL page when a web port is set)."""
+    import faust  # noqa: PLC0415  (faust is needed only where the agent runs)
+
+    topics = Topics.from_settings(kafka)
+    agent_settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        app_id or f"{kafka.consumer_group}-normalizer",
+        **kafka.faust_config(),
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        autodiscover=False,
+        datadir=str(agent_settings.data_dir / "faust"),
+        web_enabled=agent_settings.web_port > 0,
+        web_port=agent_settings.web_port or 6066,
+        web_bind=agent_settings.web_host,
+        web_host=agent_settings.web_host,
+        topic_partitions=kafka.topic_partitions,
+        topic_replication_factor=kafka.topic_replication,
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+    )
+    channel = app.topic(*topics.events(), key_serializer="raw", value_serializer="raw")
+    holder: dict[str, Any] = {}
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="normalizer")
+    app.normalizer_state = holder  # type: ignore[attr-defined]
+
+    def service() -> NormalizerService:
+        if "service" not in holder:
+            holder["service"] = NormalizerService(
+                kafka, Normalizer(settings, topics), RdfStore(agent_settings.store_path)
+            )
+        return holder["service"]  # type: ignore[no-any-return]
+
+    @app.agent(channel, name="normalize", concurrency=1)
+    async def normalize(stream: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        svc = await loop.run_in_executor(executor, service)
+        async for events in stream.take_events(agent_settings.batch_size, within=agent_settings.batch_within_s):
+            records = [source_record(event.message) for event in events]
+            await loop.run_in_executor(executor, svc.handle, records)
+
+    @app.page("/sparql")
+    async def sparql(web: Any, request: Any) -> Any:
+        query = request.query.get("query")
+        if query is None and request.method == "POST":
+            if request.content_type == "application/sparql-query":
+                query = await request.text()
+            else:
+                form = await request.post()
+                query = form.get("query")
+        if not query:
+            return web.json({"error": "pass a SPARQL query as ?query=..."}, status=400)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(executor, service().query_json, str(query))
+        except Exception as exc:  # noqa: BLE001  (a bad query answers 400, it does not stop the worker)
+            return web.json({"error": str(exc)[:500]}, status=400)
+        return web.json(result)
+
+    @app.page("/normalizer/stats")
+    async def stats(web: Any, request: Any) -> Any:
+        svc = holder.get("service")
+        counters = svc.counters if svc is not None else Counters()
+        return web.json({**counters.__dict__, "store_quads": len(svc.store) if svc is not None else 0})
+
+    @app.on_before_shutdown.connect
+    def _close(app: Any = None, **kwargs: Any) -> None:
+        svc = holder.get("service")
+        if svc is not None:
+            svc.close()
+
+    return app
+
+
+def run(
+    kafka: KafkaSettings | None = None,
+    settings: NormalizerSettings | None = None,
+    agent_settings: AgentSettings | None = None,
+    *,
+    loglevel: str = "info",
+) -> int:
+    """Run the normalizer worker until SIGINT/SIGTERM (faust handles both: the current batch
+    finishes, offsets are committed, the group is left)."""
+    import faust  # noqa: PLC0415
+
+    from stream.broker import ensure_broker  # noqa: PLC0415
+
+    kafka = kafka or KafkaSettings.from_env()
+    settings = settings or NormalizerSettings.from_env()
+    agent_settings = agent_settings or AgentSettings.from_env()
+    kafka, broker = ensure_broker(kafka)
+    try:
+        ensure_topics(kafka, Topics.from_settings(kafka))
+        app = create_app(kafka, settings, agent_settings)
+        worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def main() -> int:  # pragma: no cover - entry point
+    level = os.environ.get("ONCOTWIN_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(loglevel=level.lower())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The normalizer: a raw event record in, an observation (JSON-LD) or a dead letter out.
+
+Pure: no Kafka, no store. ``Normalizer.process`` takes a micro-batch of records and returns,
+for each, either an ``Observation`` ready to publish (key, value, headers, timestamp) or a
+``DeadLetter``; records whose event id was seen before come back as duplicates. The stages,
+in order (each failure names its stage in the dead letter):
+
+    size -> parse (UTF-8 JSON) -> fhir (a FHIR Observation on the lab or ctdna topic is converted)
+    -> schema / code / unit (schemas.normalize_event: the contract, terms and canonical units)
+    -> routing (the event's kind is the topic's) -> time (not far in the future)
+    -> claim-check / dicom / nifti (stream.imaging) -> RDF -> shacl (the whole batch at once)
+
+Nothing a record holds can raise out of ``process``: an unexpected failure becomes a dead letter
+of stage ``internal`` (and is logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from schemas import ContractError, EventValidationError, normalize_event, parse_time
+from stream.deadletter import DeadLetter, Issue
+from stream.fhir import FhirError, is_fhir, observation_to_event
+from stream.imaging import FileCheckError, ImagingConfig, file_facts
+from stream.producer import record_headers, timestamp_ms
+from stream.rdf import CONTENT_TYPE_JSONLD, EventGraph, Provenance, build_event_graph
+from stream.shapes import ShapeValidator, describe
+from stream.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# name -> (default, help), in the shape of stream.settings.ENV_VARS.
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "ONCOTWIN_IMAGING_ROOT": ("", "root under which imaging claim checks are resolved (default: ONCOTWIN_DATA_DIR)"),
+    "ONCOTWIN_DICOMWEB_BASE": ("", "base URL of the DICOMweb server whose URLs claim checks may use; empty refuses URLs"),
+    "ONCOTWIN_MAX_RECORD_BYTES": ("1000000", "records larger than this go to the dead-letter topic"),
+    "ONCOTWIN_FUTURE_SKEW_S": ("86400", "events whose occurred_at is further in the future than this are refused"),
+    "ONCOTWIN_SHACL_ENGINE": ("compiled", "compiled (fast, SHACL Core subset checked against pyshacl) or pyshacl"),
+}
+
+FHIR_TOPIC_KINDS = ("lab", "ctdna")
+
+
+@dataclass(frozen=True)
+class NormalizerSettings:
+    imaging_root: Path | None = None
+    dicomweb_base: str | None = None
+    max_record_bytes: int = 1_000_000
+    future_skew: timedelta = timedelta(days=1)
+    shacl_engine: str = "compiled"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> NormalizerSettings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str:
+            return (env.get(name, "") or ENV_VARS[name][0]).strip()
+
+        root = get("ONCOTWIN_IMAGING_ROOT") or env.get("ONCOTWIN_DATA_DIR", "") or "data"
+        try:
+            max_bytes = int(get("ONCOTWIN_MAX_RECORD_BYTES"))
+            skew = float(get("ONCOTWIN_FUTURE_SKEW_S"))
+        except ValueError as exc:
+            raise ValueError(f"ONCOTWIN_MAX_RECORD_BYTES and ONCOTWIN_FUTURE_SKEW_S must be numbers: {exc}") from exc
+        if max_bytes < 1 or skew < 0:
+            raise ValueError("ONCOTWIN_MAX_RECORD_BYTES must be >= 1 and ONCOTWIN_FUTURE_SKEW_S >= 0")
+        return cls(
+            imaging_root=Path(root),
+            dicomweb_base=get("ONCOTWIN_DICOMWEB_BASE") or None,
+            max_record_bytes=max_bytes,
+            future_skew=timedelta(seconds=skew),
+            shacl_engine=get("ONCOTWIN_SHACL_ENGINE"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """A record as read from an event topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes | None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timestamp_ms: int | None = None
+
+
+@dataclass(slots=True)
+class Observation:
+    """A normalized event, ready to publish on the observations topic."""
+
+    event_id: str
+    patient_id: str
+    kind: str
+    occurred_at: datetime
+    graph: EventGraph
+    source: SourceRecord
+    value: bytes = b""  # JSON-LD, filled once the batch passed SHACL
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.patient_id
+
+    @property
+    def timestamp_ms(self) -> int:
+        return timestamp_ms(self.occurred_at)
+
+
+@dataclass
+class BatchResult:
+    observations: list[Observation] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    duplicates: list[tuple[str, SourceRecord]] = field(default_factory=list)  # (event id, record)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Normalizer:
+    """Normalizes micro-batches of event records (thread-compatible, not thread-safe)."""
+
+    def __init__(
+        self,
+        settings: NormalizerSettings,
+        topics: Topics,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        shapes: ShapeValidator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.clock = clock
+        self.shapes = shapes or ShapeValidator(settings.shacl_engine)
+        self.imaging = ImagingConfig(settings.imaging_root, settings.dicomweb_base, settings.future_skew)
+
+    # -- per record ----------------------------------------------------------------------
+
+    def prepare(self, record: SourceRecord, now: datetime | None = None) -> Observation | DeadLetter:
+        """Every stage but SHACL for one record."""
+        try:
+            return self._prepare(record, now or self.clock())
+        except Exception as exc:  # noqa: BLE001  (a bad record must never stop the agent)
+            log.exception("normalizer failed on %s[%d]@%d", record.topic, record.partition, record.offset)
+            return self._dead(record, "internal", f"the normalizer failed on this record ({type(exc).__name__}: {str(exc)[:200]}); please report it")
+
+    def _prepare(self, record: SourceRecord, now: datetime) -> Observation | DeadLetter:
+        value = record.value
+        if value is None or len(value) == 0:
+            return self._dead(record, "size", "the record has no value (an event is a UTF-8 JSON object)")
+        if len(value) > self.settings.max_record_bytes:
+            return self._dead(
+                record, "size",
+                f"the record has {len(value)} bytes, more than the {self.settings.max_record_bytes} accepted "
+                "(pixels travel by claim check, never in the event)",
+            )
+        try:
+            document = json.loads(value)
+        except UnicodeDecodeError as exc:
+            return self._dead(record, "parse", f"the value is not UTF-8 text (byte {exc.start}): an event is UTF-8 JSON")
+        except json.JSONDecodeError as exc:
+            return self._dead(record, "parse", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        except RecursionError:
+            return self._dead(record, "parse", "not valid JSON: nested too deeply")
+
+        topic_kind = self.topics.kind_of(record.topic)
+        if is_fhir(document):
+            if topic_kind not in FHIR_TOPIC_KINDS:
+                return self._dead(
+                    record, "fhir",
+                    f"FHIR resources are accepted on the lab and ctdna topics only, not on {record.topic}",
+                )
+            try:
+                document = observation_to_event(document, source=f"fhir:{record.topic}").event
+            except FhirError as exc:
+                return self._dead(record, "fhir", f"{exc.field}: {exc.reason}", issues=(Issue(exc.field, exc.reason),))
+
+        try:
+            event = normalize_event(document)
+        except EventValidationError as exc:
+            stage = _stage_of(exc.issues)
+            issues = tuple(Issue(i.path, i.message) for i in exc.issues)
+            return self._dead(record, stage, _summary(issues), issues=issues, document=document)
+        except ContractError as exc:
+            return self._dead(record, "unit", str(exc)[:400], document=document)
+
+        kind = event["kind"]
+        if topic_kind != kind:
+            expected = self.topics.event_topic(kind)
+            return self._dead(
+                record, "routing",
+                f"a {kind} event arrived on {record.topic}; {kind} events belong on {expected}",
+                document=event,
+            )
+        occurred_at = parse_time(event["occurred_at"])
+        if occurred_at > now + self.settings.future_skew:
+            return self._dead(
+                record, "time",
+                f"occurred_at {event['occurred_at']} is more than {self.settings.future_skew} in the future "
+                f"(now {now.isoformat(timespec='seconds')}): check the clock or the time zone of the feed",
+                issues=(Issue("occurred_at", "in the future"),),
+                document=event,
+            )
+        try:
+            files = file_facts(event, self.imaging, now, occurred_at)
+        except FileCheckError as exc:
+            return self._dead(record, exc.stage, str(exc), issues=(Issue(exc.field, exc.reason),), document=event)
+        graph = build_event_graph(event, Provenance(record.topic, record.partition, record.offset), files)
+        return Observation(event["event_id"], event["patient_id"], kind, occurred_at, graph, record)
+
+    def _dead(
+        self,
+        record: SourceRecord,
+        stage: str,
+        reason: str,
+        *,
+        issues: tuple[Issue, ...] = (),
+        document: Any = None,
+    ) -> DeadLetter:
+        event_id = kind = None
+        if isinstance(document, dict):
+            if isinstance(document.get("event_id"), str):
+                event_id = document["event_id"][:64]
+            if isinstance(document.get("kind"), str):
+                kind = document["kind"][:32]
+        return DeadLetter(
+            stage=stage,
+            reason=reason,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            original=record.value,
+            issues=issues,
+            timestamp_ms=record.timestamp_ms,
+            headers=dict(record.headers),
+            event_id=event_id,
+            kind=kind,
+        )
+
+    # -- per batch -----------------------------------------------------------------------
+
+    def process(self, records: Sequence[SourceRecord], seen: Callable[[str], bool] | None = None) -> BatchResult:
+        """Normalize a micro-batch; ``seen(event_id)`` tells which events were published before."""
+        now = self.clock()
+        result = BatchResult()
+        pending: list[Observation] = []
+        batch_ids: set[str] = set()
+        for record in records:
+            outcome = self.prepare(record, now)
+            if isinstance(outcome, DeadLetter):
+                result.dead_letters.append(outcome)
+                continue
+            if outcome.event_id in batch_ids or (seen is not None and seen(outcome.event_id)):
+                result.duplicates.append((outcome.event_id, record))
+                continue
+            batch_ids.add(outcome.event_id)
+            pending.append(outcome)
+        try:
+            verdicts = self.shapes.validate_batch([o.graph for o in pending])
+        except Exception:  # noqa: BLE001  (the validator itself failed: judge graphs one by one)
+            log.exception("SHACL validation of a batch failed; validating its graphs one by one")
+            verdicts = [self._validate_one(o) for o in pending]
+        for observation, violations in zip(pending, verdicts):
+            if violations:
+                result.dead_letters.append(
+                    self._dead(
+                        observation.source, "shacl",
+                        f"the RDF of this event violates the SHACL shapes: {describe(violations)}",
+                        issues=tuple(Issue(f"{v.focus} {v.path}".strip(), v.message) for v in violations[:20]),
+                        document={"event_id": observation.event_id, "kind": observation.kind},
+                    )
+                )
+                continue
+            observation.value = observation.graph.jsonld_bytes()
+            observation.headers = record_headers(
+                content_type=CONTENT_TYPE_JSONLD,
+                schema_version=observation.graph.primary.first("https://w3id.org/oncotwin/ns#schemaVersion") or "1.0",
+                event_id=observation.event_id,
+                kind=observation.kind,
+            )
+            result.observations.append(observation)
+        return result
+
+    def _validate_one(self, observation: Observation) -> list[Any]:
+        try:
+            return self.shapes.validate(observation.graph)
+        except Exception as exc:  # noqa: BLE001
+            from stream.shapes import Violation  # noqa: PLC0415
+
+            return [Violation(observation.graph.primary.iri or "", "", "internal", f"validator failed: {type(exc).__name__}")]
+
+
+def normalize_record(record: SourceRecord, normalizer: Normalizer) -> Observation | DeadLetter:
+    """One record through every stage (convenience for tests and tools)."""
+    result = normalizer.process([record])
+    if result.observations:
+        return result.observations[0]
+    return result.dead_letters[0]
+
+
+def _stage_of(issues: Sequence[Any]) -> str:
+    for issue in issues:
+        message = issue.message
+        if "not a known unit" in message or "cannot be converted" in message or issue.path.endswith(".unit"):
+            return "unit"
+    for issue in issues:
+        if "term table" in issue.message or "is not a known" in issue.message:
+            return "code"
+    return "schema"
+
+
+def _summary(issues: Sequence[Issue], limit: int = 5) -> str:
+    shown = "; ".join(i.message for i in issues[:limit])
+    more = f" (and {len(issues) - limit} more)" if len(issues) > limit else ""
+    return shown + more

@@ -1,0 +1,581 @@
+"""One small RDF graph per event, and its JSON-LD, built without an RDF library on the hot path.
+
+An event becomes a FHIR-shaped resource (``fhir:`` = <http://hl7.org/fhir/>): an Observation for
+lab, ctDNA and imaging measures (with an ImagingStudy for the scan itself), a Procedure for a
+radiotherapy fraction or a surgery, a MedicationAdministration for chemotherapy. Resource types
+and element names follow FHIR R4; values are plain typed literals and codes are ontology IRIs
+(``fhir:code loinc:2857-1``), not FHIR RDF's ``fhir:value`` wrappers and Coding nodes, so that
+SPARQL over a patient's history stays short. Quantities keep FHIR's shape (value, unit, UCUM
+system and code) in the term's canonical unit; the value as reported, when it differs, is kept
+beside it (``ot:reportedQuantity``).
+
+Every resource carries its provenance: ``prov:wasDerivedFrom <urn:uuid:EVENT_ID>`` (the event;
+also the name of the event's graph in the RDF store), the feed, the event kind and schema
+version, and the Kafka topic, partition and offset of the record it came from.
+
+A graph is held as a tree of ``Node``s (resources with nested blank nodes) and emitted three
+ways from that one tree: JSON-LD (published), rdflib triples (what the SHACL shapes check) and
+pyoxigraph quads (stored). A test parses the JSON-LD with rdflib and checks it is isomorphic to
+the triples, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from schemas import NAMESPACES
+
+FHIR = "http://hl7.org/fhir/"
+LOINC = NAMESPACES["loinc"]
+SCT = NAMESPACES["snomed"]
+NCIT = NAMESPACES["ncit"]
+OTC = NAMESPACES["local"]  # the local code system of the term table
+OT = "https://w3id.org/oncotwin/ns#"  # our own properties and classes
+PROV = "http://www.w3.org/ns/prov#"
+XSD = "http://www.w3.org/2001/XMLSchema#"
+RDF_TYPE = "http://www.w3.org/1999/02/22-rdf-syntax-ns#type"
+RXNORM = "http://purl.bioontology.org/ontology/RXNORM/"
+OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category#"
+UCUM = "http://unitsofmeasure.org"
+
+RESOURCE_BASE = "https://w3id.org/oncotwin/fhir/"
+PATIENT_BASE = RESOURCE_BASE + "Patient/"
+EVENT_PREFIX = "urn:uuid:"
+
+XSD_DOUBLE = XSD + "double"
+XSD_DATETIME = XSD + "dateTime"
+XSD_ANYURI = XSD + "anyURI"
+
+PREFIXES: Mapping[str, str] = {
+    "fhir": FHIR,
+    "loinc": LOINC,
+    "sct": SCT,
+    "ncit": NCIT,
+    "otc": OTC,
+    "ot": OT,
+    "prov": PROV,
+    "xsd": XSD,
+    "rxnorm": RXNORM,
+    "obscat": OBS_CATEGORY,
+}
+# Inline, so that a reader never fetches a remote context.
+CONTEXT: dict[str, str] = dict(PREFIXES)
+
+CONTENT_TYPE_JSONLD = "application/ld+json"
+
+# LOINC codes of the ctDNA components (gene studied, discrete genetic variant).
+GENE_STUDIED = LOINC + "48018-6"
+GENETIC_VARIANT = LOINC + "81252-9"
+
+
+class Iri(str):
+    """An IRI value (a plain ``str`` value is an xsd:string literal)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Lit:
+    """A typed literal given by its lexical form."""
+
+    lex: str
+    datatype: str
+
+
+Value = Union[Iri, Lit, str, int, bool, "Node"]
+
+
+@dataclass(slots=True)
+class Node:
+    """A resource (``iri`` set) or a blank node (``iri`` None) with its types and properties."""
+
+    iri: str | None
+    types: tuple[str, ...] = ()
+    props: list[tuple[str, Value]] = field(default_factory=list)
+
+    def add(self, predicate: str, value: Value | None) -> Node:
+        if value is not None:
+            self.props.append((predicate, value))
+        return self
+
+    def values(self, predicate: str) -> list[Value]:
+        return [v for p, v in self.props if p == predicate]
+
+    def first(self, predicate: str) -> Value | None:
+        for p, v in self.props:
+            if p == predicate:
+                return v
+        return None
+
+
+def double(value: float) -> Lit:
+    """An xsd:double literal; repr() gives the shortest lexical form that reads back exactly."""
+    if math.isnan(value):
+        lex = "NaN"
+    elif math.isinf(value):
+        lex = "INF" if value > 0 else "-INF"
+    else:
+        lex = repr(float(value))
+    return Lit(lex, XSD_DOUBLE)
+
+
+def date_time(text: str) -> Lit:
+    return Lit(text, XSD_DATETIME)
+
+
+def any_uri(text: str) -> Lit:
+    return Lit(text, XSD_ANYURI)
+
+
+def patient_iri(pseudonym: str) -> str:
+    return PATIENT_BASE + pseudonym
+
+
+def resource_iri(resource_type: str, event_id: str) -> str:
+    return f"{RESOURCE_BASE}{resource_type}/{event_id}"
+
+
+def event_iri(event_id: str) -> str:
+    return EVENT_PREFIX + event_id
+
+
+# -- the graph of one event ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EventGraph:
+    """The RDF of one event: its resources (the first is the primary one) and their subject."""
+
+    event_id: str
+    patient_id: str
+    kind: str
+    resources: list[Node]
+
+    @property
+    def graph_iri(self) -> str:
+        """Name of the event's graph in the RDF store (the event's own IRI)."""
+        return event_iri(self.event_id)
+
+    @property
+    def primary(self) -> Node:
+        return self.resources[0]
+
+    def nodes(self) -> Iterator[Node]:
+        """Every node, resources and blank nodes, parents before children."""
+        stack = list(reversed(self.resources))
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(v for _, v in reversed(node.props) if isinstance(v, Node))
+
+    def jsonld(self) -> dict[str, Any]:
+        return {"@context": CONTEXT, "@graph": [_jsonld_node(n) for n in self.resources]}
+
+    def jsonld_bytes(self) -> bytes:
+        return json.dumps(self.jsonld(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    def triples(self) -> list[tuple[Any, Any, Any]]:
+        """rdflib triples (imported lazily: the hot path needs rdflib only for SHACL)."""
+        return list(_rdflib_triples(self.resources))
+
+    def quads(self) -> list[Any]:
+        """pyoxigraph quads in the event's named graph."""
+        return _oxigraph_quads(self.resources, self.graph_iri)
+
+
+# -- JSON-LD ------------------------------------------------------------------------------
+
+_COMPACT_CACHE: dict[str, str] = {}
+# Longest namespace first, so that a namespace nested in another one wins.
+_PREFIX_ORDER = sorted(PREFIXES.items(), key=lambda kv: -len(kv[1]))
+
+
+def compact(iri: str) -> str:
+    """``prefix:local`` for an IRI in one of our namespaces, else the IRI itself."""
+    cached = _COMPACT_CACHE.get(iri)
+    if cached is not None:
+        return cached
+    out = iri
+    for prefix, namespace in _PREFIX_ORDER:
+        if iri.startswith(namespace) and len(iri) > len(namespace):
+            local = iri[len(namespace):]
+            # A local part starting with "//" would read as a scheme-relative IRI.
+            if not local.startswith("//"):
+                out = f"{prefix}:{local}"
+            break
+    if len(_COMPACT_CACHE) < 100_000:
+        _COMPACT_CACHE[iri] = out
+    return out
+
+
+def expand(curie_or_iri: str) -> str:
+    """Inverse of ``compact`` for the prefixes of ``CONTEXT``."""
+    prefix, sep, local = curie_or_iri.partition(":")
+    if sep and prefix in PREFIXES and not local.startswith("//"):
+        return PREFIXES[prefix] + local
+    return curie_or_iri
+
+
+def _jsonld_value(value: Value) -> Any:
+    if isinstance(value, Node):
+        return _jsonld_node(value)
+    if isinstance(value, Iri):
+        return {"@id": compact(value)}
+    if isinstance(value, Lit):
+        return {"@value": value.lex, "@type": compact(value.datatype)}
+    if isinstance(value, (str, bool, int)):
+        return value  # JSON-LD reads these as xsd:string, xsd:boolean, xsd:integer
+    raise TypeError(f"not an RDF value: {type(value).__name__}")
+
+
+def _jsonld_node(node: Node) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if node.iri is not None:
+        out["@id"] = node.iri
+    if node.types:
+        out["@type"] = [compact(t) for t in node.types]
+    for predicate, value in node.props:
+        key = compact(predicate)
+        converted = _jsonld_value(value)
+        existing = out.get(key)
+        if existing is None:
+            out[key] = converted
+        elif isinstance(existing, list):
+            existing.append(converted)
+        else:
+            out[key] = [existing, converted]
+    return out
+
+
+# -- rdflib -------------------------------------------------------------------------------
+
+
+def _rdflib_triples(resources: Sequence[Node]) -> Iterator[tuple[Any, Any, Any]]:
+    from rdflib import BNode, Literal, URIRef  # noqa: PLC0415
+
+    type_ref = URIRef(RDF_TYPE)
+    refs: dict[str, URIRef] = {}
+
+    def ref(iri: str) -> URIRef:
+        r = refs.get(iri)
+        if r is None:
+            r = refs[iri] = URIRef(iri)
+        return r
+
+    def subject(node: Node, ids: dict[int, Any]) -> Any:
+        s = ids.get(id(node))
+        if s is None:
+            s = ids[id(node)] = ref(node.iri) if node.iri is not None else BNode()
+        return s
+
+    ids: dict[int, Any] = {}
+    stack = list(reversed(resources))
+    while stack:
+        node = stack.pop()
+        s = subject(node, ids)
+        for t in node.types:
+            yield s, type_ref, ref(t)
+        for predicate, value in node.props:
+            if isinstance(value, Node):
+                o: Any = subject(value, ids)
+                stack.append(value)
+            elif isinstance(value, Iri):
+                o = ref(value)
+            elif isinstance(value, Lit):
+                o = Literal(value.lex, datatype=ref(value.datatype))
+            elif isinstance(value, (str, bool, int)):
+                o = Literal(value)
+            else:
+                raise TypeError(f"not an RDF value: {type(value).__name__}")
+            yield s, ref(predicate), o
+
+
+# -- pyoxigraph ---------------------------------------------------------------------------
+
+
+def _oxigraph_quads(resources: Sequence[Node], graph_iri: str) -> list[Any]:
+    import pyoxigraph as ox  # noqa: PLC0415
+
+    graph = ox.NamedNode(graph_iri)
+    type_ref = ox.NamedNode(RDF_TYPE)
+    xsd_boolean = ox.NamedNode(XSD + "boolean")
+    xsd_integer = ox.NamedNode(XSD + "integer")
+    out: list[Any] = []
+    ids: dict[int, Any] = {}
+
+    def subject(node: Node) -> Any:
+        s = ids.get(id(node))
+        if s is None:
+            s = ids[id(node)] = ox.NamedNode(node.iri) if node.iri is not None else ox.BlankNode()
+        return s
+
+    stack = list(reversed(resources))
+    while stack:
+        node = stack.pop()
+        s = subject(node)
+        for t in node.types:
+            out.append(ox.Quad(s, type_ref, ox.NamedNode(t), graph))
+        for predicate, value in node.props:
+            if isinstance(value, Node):
+                o: Any = subject(value)
+                stack.append(value)
+            elif isinstance(value, Iri):
+                o = ox.NamedNode(value)
+            elif isinstance(value, Lit):
+                o = ox.Literal(value.lex, datatype=ox.NamedNode(value.datatype))
+            elif isinstance(value, bool):
+                o = ox.Literal("true" if value else "false", datatype=xsd_boolean)
+            elif isinstance(value, int):
+                o = ox.Literal(str(value), datatype=xsd_integer)
+            elif isinstance(value, str):
+                o = ox.Literal(value)
+            else:
+                raise TypeError(f"not an RDF value: {type(value).__name__}")
+            out.append(ox.Quad(s, ox.NamedNode(predicate), o, graph))
+    return out
+
+
+# -- building from a normalized event -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where the event came from: the Kafka record it was read from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimCheckFacts:
+    """A claim check as resolved: where it points and whether its bytes were verified."""
+
+    uri: str
+    sha256: str
+    size: int
+    format: str | None = None
+    content: str | None = None
+    verified: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FileFacts:
+    """What the normalizer learnt from an event's files (stream.imaging): resolved claim checks
+    and the measures derived from a segmentation or density map."""
+
+    volume_ml: float | None = None  # from the segmentation (None: no segmentation read)
+    centroid_mm: tuple[float, float, float] | None = None
+    centroid_source: str | None = None  # "segmentation" or "density"
+    dicom: ClaimCheckFacts | None = None
+    segmentation: ClaimCheckFacts | None = None
+    density_map: ClaimCheckFacts | None = None
+    resection_mask: ClaimCheckFacts | None = None
+
+
+def unverified(claim: Mapping[str, Any] | None) -> ClaimCheckFacts | None:
+    """A claim check of the event as it was sent, not resolved."""
+    if claim is None:
+        return None
+    return ClaimCheckFacts(
+        uri=claim["uri"], sha256=claim["sha256"], size=int(claim["size"]),
+        format=claim.get("format"), content=claim.get("content"), verified=False,
+    )
+
+
+def _quantity(value: float, unit: str) -> Node:
+    return Node(
+        None,
+        (FHIR + "Quantity",),
+        [
+            (FHIR + "value", double(value)),
+            (FHIR + "unit", unit),
+            (FHIR + "system", Iri(UCUM)),
+            (FHIR + "code", unit),
+        ],
+    )
+
+
+def _claim_check(facts: ClaimCheckFacts) -> Node:
+    node = Node(None, (OT + "ClaimCheck",))
+    node.add(OT + "uri", any_uri(facts.uri))
+    node.add(OT + "sha256", facts.sha256.lower())
+    node.add(OT + "byteSize", int(facts.size))
+    node.add(OT + "format", facts.format)
+    node.add(OT + "content", facts.content)
+    node.add(OT + "verified", bool(facts.verified))
+    return node
+
+
+def _provenance(node: Node, event: Mapping[str, Any], source: Provenance) -> None:
+    node.add(PROV + "wasDerivedFrom", Iri(event_iri(event["event_id"])))
+    node.add(OT + "eventKind", event["kind"])
+    node.add(OT + "schemaVersion", event["schema_version"])
+    node.add(OT + "feed", event["source"])
+    node.add(OT + "sourceTopic", source.topic)
+    node.add(OT + "sourcePartition", int(source.partition))
+    node.add(OT + "sourceOffset", int(source.offset))
+
+
+def _patient(pseudonym: str) -> Node:
+    return Node(patient_iri(pseudonym), (FHIR + "Patient",), [(OT + "pseudonym", pseudonym)])
+
+
+def _reported(node: Node, quantity: Mapping[str, Any]) -> None:
+    """Keep the value as reported when the canonical one differs from it."""
+    if quantity["unit"] != quantity["canonical_unit"] or float(quantity["value"]) != float(quantity["canonical_value"]):
+        reported = _quantity(float(quantity["value"]), quantity["unit"])
+        node.add(OT + "reportedQuantity", reported)
+
+
+def _observation(event: Mapping[str, Any], code_iri: str, category: str, source: Provenance) -> Node:
+    obs = Node(resource_iri("Observation", event["event_id"]), (FHIR + "Observation",))
+    obs.add(FHIR + "status", "final")
+    obs.add(FHIR + "category", Iri(OBS_CATEGORY + category))
+    obs.add(FHIR + "code", Iri(code_iri))
+    obs.add(FHIR + "subject", Iri(patient_iri(event["patient_id"])))
+    obs.add(FHIR + "effectiveDateTime", date_time(event["occurred_at"]))
+    obs.add(FHIR + "issued", date_time(event["recorded_at"]))
+    return obs
+
+
+def build_event_graph(
+    event: Mapping[str, Any],
+    source: Provenance,
+    files: FileFacts | None = None,
+) -> EventGraph:
+    """The graph of a validated event normalized by ``schemas.normalize_event``.
+
+    ``files`` carries what was derived from the event's files; without it the volume is the
+    one the event reports and its claim checks are recorded as sent, unverified.
+    """
+    files = files or FileFacts()
+    kind = event["kind"]
+    body = event["body"]
+    patient = _patient(event["patient_id"])
+    if kind in ("lab", "ctdna"):
+        obs = _observation(event, body["term_iri"], "laboratory", source)
+        obs.add(FHIR + "valueQuantity", _quantity(float(body["canonical_value"]), body["canonical_unit"]))
+        _reported(obs, body)
+        if kind == "lab":
+            obs.add(OT + "specimen", body.get("specimen"))
+            obs.add(FHIR + "method", body.get("method"))
+        else:
+            obs.add(OT + "ctdnaMeasure", body["measure"])
+            if body.get("gene"):
+                obs.add(FHIR + "component", Node(None, (OT + "Component",), [(FHIR + "code", Iri(GENE_STUDIED)), (FHIR + "valueString", body["gene"])]))
+            if body.get("variant_hgvs"):
+                obs.add(
+                    FHIR + "component",
+                    Node(None, (OT + "Component",), [(FHIR + "code", Iri(GENETIC_VARIANT)), (FHIR + "valueString", body["variant_hgvs"])]),
+                )
+            obs.add(FHIR + "method", body.get("assay"))
+        _provenance(obs, event, source)
+        return EventGraph(event["event_id"], event["patient_id"], kind, [obs, patient])
+    if kind == "imaging":
+        return _imaging_graph(event, source, files, patient)
+    if kind == "treatment":
+        return EventGraph(event["event_id"], event["patient_id"], kind, [_treatment(event, source, files), patient])
+    raise ValueError(f"unknown event kind {kind!r}")
+
+
+def _imaging_graph(event: Mapping[str, Any], source: Provenance, facts: FileFacts, patient: Node) -> EventGraph:
+    body = event["body"]
+    eid = event["event_id"]
+    study = Node(resource_iri("ImagingStudy", eid), (FHIR + "ImagingStudy",))
+    study.add(FHIR + "status", "available")
+    study.add(FHIR + "subject", Iri(patient_iri(event["patient_id"])))
+    study.add(FHIR + "started", date_time(event["occurred_at"]))
+    study.add(FHIR + "modality", Iri(body["term_iri"]))
+    study.add(OT + "dicomModality", body["modality"])
+    study.add(OT + "studyInstanceUid", body["study_uid"])
+    study.add(OT + "seriesInstanceUid", body["series_uid"])
+    sx, sy, sz = (float(v) for v in body["voxel_spacing_mm"])
+    study.add(OT + "voxelSpacingX", double(sx))
+    study.add(OT + "voxelSpacingY", double(sy))
+    study.add(OT + "voxelSpacingZ", double(sz))
+    dicom = facts.dicom or unverified(body.get("dicom_uri"))
+    if dicom is not None:
+        study.add(OT + "dicom", _claim_check(dicom))
+    _provenance(study, event, source)
+    resources = [study]
+
+    reported = body.get("measures", {}).get("tumor_volume")
+    if facts.volume_ml is not None or reported is not None:
+        obs = _observation(event, OTC + "tumor-volume", "imaging", source)
+        obs.add(FHIR + "derivedFrom", Iri(study.iri or ""))
+        if facts.volume_ml is not None:
+            obs.add(FHIR + "valueQuantity", _quantity(facts.volume_ml, "mL"))
+            obs.add(OT + "valueSource", "segmentation")
+            if reported is not None:
+                obs.add(OT + "reportedQuantity", _quantity(float(reported["value"]), reported["unit"]))
+        else:
+            assert reported is not None
+            obs.add(FHIR + "valueQuantity", _quantity(float(reported["canonical_value"]), reported["canonical_unit"]))
+            obs.add(OT + "valueSource", "reported")
+            _reported(obs, reported)
+        if facts.centroid_mm is not None:
+            cx, cy, cz = facts.centroid_mm
+            obs.add(OT + "centroidX", double(cx))
+            obs.add(OT + "centroidY", double(cy))
+            obs.add(OT + "centroidZ", double(cz))
+            obs.add(OT + "centroidSource", facts.centroid_source)
+        _provenance(obs, event, source)
+        resources.insert(0, obs)
+    segmentation = facts.segmentation or unverified(body.get("segmentation_uri"))
+    if segmentation is not None:
+        resources[0].add(OT + "segmentation", _claim_check(segmentation))
+    density = facts.density_map or unverified(body.get("measures", {}).get("cellularity_map_uri"))
+    if density is not None:
+        resources[0].add(OT + "densityMap", _claim_check(density))
+    resources.append(patient)
+    return EventGraph(eid, event["patient_id"], "imaging", resources)
+
+
+_TREATMENT_CLASS = {"radiotherapy": OT + "RadiotherapyFraction", "surgery": OT + "Surgery"}
+
+
+def _treatment(event: Mapping[str, Any], source: Provenance, facts: FileFacts) -> Node:
+    body = event["body"]
+    eid = event["event_id"]
+    planned = bool(body.get("planned", False))
+    kind = body["type"]
+    dose = body.get("dose")
+    if kind == "chemotherapy":
+        node = Node(resource_iri("MedicationAdministration", eid), (FHIR + "MedicationAdministration",))
+        node.add(FHIR + "status", "in-progress" if planned else "completed")
+        node.add(FHIR + "category", Iri(body["term_iri"]))
+        drug = body["drug"]
+        if drug.get("rxnorm"):
+            node.add(FHIR + "medicationCodeableConcept", Iri(RXNORM + drug["rxnorm"]))
+        node.add(OT + "drugName", drug["name"])
+        node.add(FHIR + "subject", Iri(patient_iri(event["patient_id"])))
+        node.add(FHIR + "effectiveDateTime", date_time(event["occurred_at"]))
+        dosage = Node(None, (), [(FHIR + "dose", _quantity(float(dose["canonical_value"]), dose["canonical_unit"]))])
+        dosage.add(FHIR + "route", body.get("route"))
+        node.add(FHIR + "dosage", dosage)
+    else:
+        node = Node(resource_iri("Procedure", eid), (FHIR + "Procedure", _TREATMENT_CLASS[kind]))
+        node.add(FHIR + "status", "preparation" if planned else "completed")
+        node.add(FHIR + "code", Iri(body["term_iri"]))
+        node.add(FHIR + "subject", Iri(patient_iri(event["patient_id"])))
+        node.add(FHIR + "performedDateTime", date_time(event["occurred_at"]))
+        if kind == "radiotherapy":
+            node.add(OT + "dose", _quantity(float(dose["canonical_value"]), dose["canonical_unit"]))
+            if dose["unit"] != dose["canonical_unit"]:
+                node.add(OT + "reportedQuantity", _quantity(float(dose["value"]), dose["unit"]))
+            node.add(OT + "fractionNumber", body.get("fraction_number"))
+            node.add(OT + "fractionsPlanned", body.get("fractions_planned"))
+            node.add(OT + "target", body.get("target"))
+        else:
+            node.add(OT + "extent", body.get("extent"))
+            mask = facts.resection_mask or unverified(body.get("resection_mask_uri"))
+            if mask is not None:
+                node.add(OT + "resectionMask", _claim_check(mask))
+    node.add(OT + "planned", planned)
+    _provenance(node, event, source)
+    return node

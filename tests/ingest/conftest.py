@@ -1,0 +1,140 @@
+"""Fixtures of the ingestion tests: broker, virtual cohort, DICOM test files, the mCODE package.
+
+The broker is the embedded tansu broker (or KAFKA_BOOTSTRAP_SERVERS with
+ONCOTWIN_TEST_KAFKA=external); integration modules run one normalizer worker each, on topics
+of their own prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from stream import EmbeddedBroker, KafkaSettings
+
+MCODE_PACKAGE = "hl7.fhir.us.mcode@4.0.0"
+FHIR_CACHE = Path(os.environ.get("ONCOTWIN_FHIR_CACHE", Path.home() / ".cache" / "oncotwin" / "fhir"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: needs a Kafka-protocol broker (embedded tansu by default)")
+
+
+@pytest.fixture(scope="session")
+def ingest_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaSettings]:
+    """A broker for the ingestion tests: external when asked for, else an embedded tansu."""
+    if os.environ.get("ONCOTWIN_TEST_KAFKA", "").strip().lower() == "external":
+        settings = KafkaSettings.from_env()
+        if settings.embedded:
+            pytest.fail("ONCOTWIN_TEST_KAFKA=external needs KAFKA_BOOTSTRAP_SERVERS")
+        yield settings
+        return
+    log_dir = tmp_path_factory.mktemp("ingest-broker")
+    with EmbeddedBroker(log_path=log_dir / "tansu.log") as broker:
+        yield KafkaSettings.from_env({}).with_bootstrap(broker.bootstrap_servers)
+
+
+def module_settings(kafka: KafkaSettings, partitions: int = 3) -> KafkaSettings:
+    prefix = f"ingest-{uuid.uuid4().hex[:10]}"
+    return replace(kafka, topic_prefix=prefix, consumer_group=f"{prefix}-group", topic_partitions=partitions)
+
+
+# -- virtual cohort -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-patient virtual cohort (events.jsonl + NIfTI files) under its own root."""
+    from models import Grid  # noqa: PLC0415
+    from models.virtual_patient import CohortConfig, generate_cohort  # noqa: PLC0415
+    from stream.virtual_feed import write_cohort  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("cohort")
+    config = CohortConfig(grid=Grid((16, 16, 16), (5.0, 5.0, 5.0)), observe_days=120, truth_margin_days=10)
+    write_cohort(generate_cohort(1, seed=1, config=config), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cohort_events(cohort: Path) -> list[dict]:
+    from stream.eventlog import read_events  # noqa: PLC0415
+
+    return read_events(cohort / "events.jsonl")
+
+
+# -- DICOM ----------------------------------------------------------------------------------
+
+
+def local_dicom_testdata(pattern: str) -> list[Path]:
+    """pydicom's and pydicom-data's local test files matching ``pattern`` (never downloads:
+    get_testdata_files would fetch files of the online index that are not installed)."""
+    import pydicom.data.data_manager as dm  # noqa: PLC0415
+
+    roots = [Path(dm.DATA_ROOT) / "test_files"]
+    for source in dm.external_data_sources().values():
+        path = getattr(source, "data_path", None)
+        if path is not None:
+            roots.append(Path(path))
+    return sorted({p for root in roots for p in root.glob(pattern) if p.is_file()})
+
+
+def dicom_file(name: str) -> Path:
+    from pydicom.data import get_testdata_file  # noqa: PLC0415
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        found = local_dicom_testdata(name)
+        if not found:
+            pytest.skip(f"pydicom test file {name} is not installed")
+        return found[0]
+    return Path(path)
+
+
+# -- mCODE ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mcode_examples() -> Path:
+    """The example folder of the official mCODE 4.0.0 package (npm pack into a cache)."""
+    package_dir = FHIR_CACHE / "hl7.fhir.us.mcode-4.0.0"
+    examples = package_dir / "package" / "example"
+    if examples.is_dir() and any(examples.glob("Observation-*.json")):
+        return examples
+    FHIR_CACHE.mkdir(parents=True, exist_ok=True)
+    tarball = FHIR_CACHE / "hl7.fhir.us.mcode-4.0.0.tgz"
+    if not tarball.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("npm is not installed: cannot fetch the mCODE package")
+        try:
+            done = subprocess.run(
+                [npm, "pack", MCODE_PACKAGE, "--pack-destination", str(FHIR_CACHE)],
+                capture_output=True, text=True, timeout=180, cwd=FHIR_CACHE,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip("the npm registry did not answer within 180 s")
+        if done.returncode != 0 or not tarball.exists():
+            pytest.skip(f"npm pack {MCODE_PACKAGE} failed (registry unreachable?): {done.stderr.strip()[-300:]}")
+    package_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball) as archive:
+        archive.extractall(package_dir, filter="data")
+    return examples
+
+
+def mcode_observations(examples: Path, profile: str) -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(examples.glob("Observation-*.json")):
+        resource = json.loads(path.read_text(encoding="utf-8"))
+        profiles = (resource.get("meta") or {}).get("profile") or []
+        if any(p.rstrip("/").endswith(profile) for p in profiles):
+            out.append((path.name, resource))
+    return out

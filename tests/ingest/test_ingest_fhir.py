@@ -1,0 +1,111 @@
+"""Official mCODE 4.0.0 examples through the FHIR conversion and the whole normalizer.
+
+What the package holds decides the assertions: its TumorSize examples and its GenomicVariant
+examples that carry a variant allele fraction normalize; its TumorMarkerTest examples are all
+qualitative (valueCodeableConcept: ER/PR/HER2/EGFR positive or negative) or coded outside LOINC
+(Oncotype DX, NCBI GTR), which the lab contract (a LOINC code with a quantity) cannot carry, so
+they are dead-lettered with a reason naming the element; a quantitative TumorMarkerTest made
+from the official one normalizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from conftest import mcode_observations
+
+from stream.deadletter import DeadLetter
+from stream.decode import decode_jsonld
+from stream.fhir import FhirError, observation_to_event
+from stream.normalizer import Normalizer, NormalizerSettings, Observation, SourceRecord
+from stream.topics import Topics
+
+TOPICS = Topics("fhir")
+
+
+def _normalize(resource: dict, kind: str) -> Observation | DeadLetter:
+    normalizer = Normalizer(NormalizerSettings(), TOPICS, clock=lambda: datetime(2030, 1, 1, tzinfo=timezone.utc))
+    record = SourceRecord(TOPICS.event_topic(kind), 0, 0, None, json.dumps(resource).encode())
+    result = normalizer.process([record])
+    return (result.observations or result.dead_letters)[0]
+
+
+def test_tumor_size_examples_normalize(mcode_examples: Path) -> None:
+    examples = mcode_observations(mcode_examples, "mcode-tumor-size")
+    assert len(examples) >= 2
+    for name, resource in examples:
+        outcome = _normalize(resource, "lab")
+        assert isinstance(outcome, Observation), (name, getattr(outcome, "reason", ""))
+        decoded = decode_jsonld(outcome.value)
+        assert decoded.code == "http://loinc.org/rdf#21889-1" and decoded.unit == "mm"
+        longest = max(
+            c["valueQuantity"]["value"] for c in resource["component"]
+            if c["code"]["coding"][0]["code"] == "33728-7"
+        )
+        assert decoded.value == pytest.approx(longest * 10)  # cm -> mm
+        assert decoded.patient_id == resource["subject"]["reference"].split("/")[-1]
+
+
+def test_genomic_variants_with_vaf_normalize_as_ctdna(mcode_examples: Path) -> None:
+    examples = mcode_observations(mcode_examples, "mcode-genomic-variant")
+    with_vaf = [(n, r) for n, r in examples if any(
+        c["code"]["coding"][0].get("code") == "81258-6" for c in r.get("component", []))]
+    assert len(with_vaf) >= 1
+    for name, resource in with_vaf:
+        outcome = _normalize(resource, "ctdna")
+        assert isinstance(outcome, Observation), (name, getattr(outcome, "reason", ""))
+        decoded = decode_jsonld(outcome.value)
+        assert decoded.kind == "ctdna" and decoded.unit == "1" and 0 <= decoded.value <= 1
+        assert decoded.gene and decoded.variant_hgvs
+    for name, resource in examples:
+        if (name, resource) not in with_vaf:
+            outcome = _normalize(resource, "ctdna")
+            assert isinstance(outcome, DeadLetter) and outcome.stage == "fhir" and "81258-6" in outcome.reason
+
+
+def test_tumor_marker_examples(mcode_examples: Path) -> None:
+    examples = mcode_observations(mcode_examples, "mcode-tumor-marker-test")
+    assert len(examples) >= 1
+    for name, resource in examples:
+        outcome = _normalize(resource, "lab")
+        if "valueQuantity" in resource and any(c.get("system") == "http://loinc.org" for c in resource["code"]["coding"]):
+            assert isinstance(outcome, Observation), (name, getattr(outcome, "reason", ""))
+        else:
+            assert isinstance(outcome, DeadLetter) and outcome.stage == "fhir", name
+            assert "valueQuantity" in outcome.reason or "LOINC" in outcome.reason
+    # The official resource, made quantitative (PSA, LOINC 2857-1), normalizes.
+    resource = copy.deepcopy(examples[0][1])
+    resource.pop("valueCodeableConcept", None)
+    resource["code"] = {"coding": [{"system": "http://loinc.org", "code": "2857-1"}]}
+    resource["valueQuantity"] = {"value": 4.2, "unit": "ng/mL", "system": "http://unitsofmeasure.org", "code": "ng/mL"}
+    outcome = _normalize(resource, "lab")
+    assert isinstance(outcome, Observation), getattr(outcome, "reason", "")
+    decoded = decode_jsonld(outcome.value)
+    assert (decoded.code, decoded.value, decoded.unit) == ("http://loinc.org/rdf#2857-1", 4.2, "ng/mL")
+
+
+def test_event_id_is_stable_and_narrative_is_not_carried(mcode_examples: Path) -> None:
+    name, resource = mcode_observations(mcode_examples, "mcode-tumor-size")[0]
+    first, second = observation_to_event(resource).event, observation_to_event(copy.deepcopy(resource)).event
+    assert first["event_id"] == second["event_id"]
+    assert "text" not in json.dumps(first["body"]) or resource.get("text", {}).get("div", "") not in json.dumps(first)
+
+
+def test_dates_without_zone_are_refused() -> None:
+    resource = {
+        "resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/VP-0001"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2857-1"}]},
+        "effectiveDateTime": "2024-02-12T08:40:00",
+        "valueQuantity": {"value": 1.0, "system": "http://unitsofmeasure.org", "code": "ng/mL"},
+    }
+    with pytest.raises(FhirError, match="zone"):
+        observation_to_event(resource)
+    resource["effectiveDateTime"] = "2024-02"
+    with pytest.raises(FhirError, match="precision"):
+        observation_to_event(resource)
+    resource["effectiveDateTime"] = "2024-02-12"
+    assert observation_to_event(resource).event["occurred_at"] == "2024-02-12T12:00:00Z"

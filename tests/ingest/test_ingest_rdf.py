@@ -1,0 +1,103 @@
+"""Event -> RDF -> JSON-LD -> decode, for every event kind."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from rdflib import Graph
+from rdflib.compare import isomorphic
+
+from schemas import EVENT_KINDS, TERMS, example, normalize_event, parse_time
+from stream.decode import decode_graph, decode_jsonld
+from stream.rdf import CONTEXT, Provenance, build_event_graph
+
+SOURCE = Provenance("oncotwin.events.lab.v1", 2, 41)
+
+
+def _events(cohort_events: list[dict]) -> list[dict]:
+    # The contract's examples plus one event of each kind from a virtual cohort.
+    events = [example(kind) for kind in EVENT_KINDS]
+    for kind in EVENT_KINDS:
+        events.extend([e for e in cohort_events if e["kind"] == kind][:2])
+    return events
+
+
+def _graph(triples: Any) -> Graph:
+    g = Graph()
+    for t in triples:
+        g.add(t)
+    return g
+
+
+def test_jsonld_is_isomorphic_to_the_validated_graph(cohort_events: list[dict]) -> None:
+    for event in _events(cohort_events):
+        graph = build_event_graph(normalize_event(event), SOURCE)
+        published = graph.jsonld_bytes()
+        parsed = Graph().parse(data=published, format="json-ld")
+        assert isomorphic(parsed, _graph(graph.triples())), event["kind"]
+        # The context is inline: a reader never fetches one.
+        assert json.loads(published)["@context"] == CONTEXT
+
+
+def _expected_code(event: dict) -> str:
+    body = event["body"]
+    if event["kind"] == "lab":
+        return TERMS.lookup("loinc", body["code"]).iri
+    if event["kind"] == "ctdna":
+        return TERMS.for_ctdna_measure(body["measure"]).iri
+    if event["kind"] == "imaging":
+        return TERMS.lookup("local", "tumor-volume").iri
+    return TERMS.for_treatment(body["type"]).iri
+
+
+@pytest.mark.parametrize("decoder", ["jsonld", "rdflib"])
+def test_decode_gives_back_id_patient_time_code_value_unit(cohort_events: list[dict], decoder: str) -> None:
+    for event in _events(cohort_events):
+        normalized = normalize_event(event)
+        graph = build_event_graph(normalized, SOURCE)
+        if decoder == "jsonld":
+            decoded = decode_jsonld(graph.jsonld_bytes())
+        else:
+            decoded = decode_graph(Graph().parse(data=graph.jsonld_bytes(), format="json-ld"))
+        body = normalized["body"]
+        assert decoded.event_id == event["event_id"]
+        assert decoded.patient_id == event["patient_id"]
+        assert decoded.kind == event["kind"]
+        assert decoded.time == parse_time(event["occurred_at"])
+        assert decoded.code == _expected_code(event)
+        assert (decoded.source_topic, decoded.source_partition, decoded.source_offset) == ("oncotwin.events.lab.v1", 2, 41)
+        if event["kind"] in ("lab", "ctdna"):
+            assert math.isclose(decoded.value, body["canonical_value"], rel_tol=0, abs_tol=0)
+            assert decoded.unit == body["canonical_unit"]
+        elif event["kind"] == "imaging":
+            volume = body["measures"]["tumor_volume"]
+            assert decoded.value == volume["canonical_value"] and decoded.unit == "mL"
+            assert decoded.study_uid == body["study_uid"] and decoded.modality == body["modality"]
+            assert decoded.voxel_spacing_mm == tuple(body["voxel_spacing_mm"])
+            if "segmentation_uri" in body:
+                assert decoded.segmentation is not None
+                assert decoded.segmentation.sha256 == body["segmentation_uri"]["sha256"].lower()
+                assert decoded.segmentation.verified is False  # not resolved here
+        else:
+            assert decoded.treatment_type == body["type"]
+            assert decoded.value == body["dose"]["canonical_value"] and decoded.unit == body["dose"]["canonical_unit"]
+            if body["type"] == "chemotherapy":
+                assert decoded.drug_name == body["drug"]["name"]
+                assert decoded.rxnorm == body["drug"].get("rxnorm")
+
+
+def test_ctdna_keeps_gene_variant_and_reported_percent() -> None:
+    decoded = decode_jsonld(build_event_graph(normalize_event(example("ctdna")), SOURCE).jsonld_bytes())
+    assert decoded.value == pytest.approx(0.125) and decoded.unit == "1"
+    assert (decoded.reported_value, decoded.reported_unit) == (12.5, "%")
+    assert decoded.gene == "TP53" and decoded.variant_hgvs == "NM_000546.6:c.524G>A"
+
+
+def test_decoders_agree_on_a_foreign_context() -> None:
+    # A JSON-LD re-serialized by another tool (expanded, no context) decodes the same way.
+    graph = build_event_graph(normalize_event(example("lab")), SOURCE)
+    expanded = Graph().parse(data=graph.jsonld_bytes(), format="json-ld").serialize(format="json-ld")
+    assert decode_jsonld(expanded) == decode_jsonld(graph.jsonld_bytes())
