@@ -144,6 +144,96 @@ def validate(files: list[Path] = typer.Argument(..., help="JSONL event logs or J
         raise typer.Exit(1)
 
 
+@app.command()
+def topics() -> None:
+    """Create the service's Kafka topics where missing (idempotent)."""
+    from stream import Topics, ensure_broker, ensure_topics
+    from stream.settings import KafkaSettings
+
+    _settings()
+    kafka, broker = ensure_broker(KafkaSettings.from_env())
+    try:
+        created = ensure_topics(kafka, Topics.from_settings(kafka))
+        console.print(f"created {len(created)} topics: {', '.join(created) or '(all existed)'}")
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+@app.command()
+def forecasts(
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing forecasts as they arrive"),
+    patient: str = typer.Option(None, "--patient", "-p", help="only this patient pseudonym"),
+    quantity: str = typer.Option("tumor_volume_ml", help="quantity to print (tumor_volume_ml, burden, ctdna_tumor_fraction, marker:<LOINC>)"),
+    as_json: bool = typer.Option(False, "--json", help="print each forecast record as one JSON line"),
+    idle: float = typer.Option(5.0, help="without --follow: stop after this many seconds with nothing new"),
+) -> None:
+    """Print forecasts from the forecasts topic (needs KAFKA_BOOTSTRAP_SERVERS)."""
+    import signal
+    import threading
+
+    from stream import Topics
+    from stream.settings import KafkaSettings
+    from stream.subscriber import follow_forecasts, format_forecast
+
+    _settings()
+    kafka = KafkaSettings.from_env()
+    if kafka.embedded:
+        console.print("[red]no broker:[/] set KAFKA_BOOTSTRAP_SERVERS to the cluster the service publishes to")
+        raise typer.Exit(2)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        for record in follow_forecasts(kafka, Topics.from_settings(kafka), patient=patient, stop=stop,
+                                       idle_timeout=None if follow else idle):
+            print(json.dumps(record, sort_keys=True) if as_json else format_forecast(record, quantity), flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def rehearse(
+    patient: str = typer.Option(..., "--patient", "-p", help="patient pseudonym whose twin to use"),
+    plan: list[Path] = typer.Option(..., "--plan", help="JSON plan file (see assimilation/plans.py); repeatable"),
+    horizons: str = typer.Option("30,60,90,180", help="forecast horizons in days, comma separated"),
+    as_json: bool = typer.Option(False, "--json", help="print the forecast records as JSON"),
+) -> None:
+    """Therapy rehearsal: forecast a patient's twin under alternative treatment plans, side by side."""
+    from datetime import datetime, timezone
+
+    from assimilation import StateStore, forecast
+    from assimilation.plans import PlanError, plan_from_dict
+
+    settings = _settings()
+    store = StateStore(settings.state_url)
+    twin = store.latest(patient)
+    if twin is None:
+        console.print(f"[red]no twin for {patient!r}[/] in {settings.state_url}")
+        raise typer.Exit(1)
+    plans = {}
+    try:
+        for path in plan:
+            name, events = plan_from_dict(json.loads(path.read_text(encoding="utf-8")), patient)
+            plans[name] = events
+        hs = tuple(float(h) for h in horizons.split(","))
+    except (OSError, ValueError, PlanError) as exc:
+        console.print(f"[red]bad plan:[/] {exc}")
+        raise typer.Exit(2) from exc
+    result = forecast(twin, hs, plans)
+    if as_json:
+        print(json.dumps(result.to_records(datetime.now(timezone.utc)), indent=1, sort_keys=True))
+        return
+    table = Table("horizon", "quantity", *result.scenarios, title=f"{patient}: rehearsal from {result.issued_for.isoformat()} (median [95 % PI])")
+    for name, label in (("volume_ml", "volume mL"), ("burden_ml", "burden mL"), ("ctdna_fraction", "ctDNA TF")):
+        for h, days in enumerate(result.horizons_days):
+            cells = []
+            for s in range(len(result.scenarios)):
+                lo, mid, hi = getattr(result, name)[s, h].tolist()
+                cells.append(f"{mid:.3g} [{lo:.3g}, {hi:.3g}]")
+            table.add_row(f"+{days:g} d", label, *cells)
+    console.print(table)
+
+
 from .ingest_commands import register as _register_ingest  # noqa: E402
 
 _register_ingest(app)
