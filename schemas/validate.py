@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator, FormatChecker, ValidationError
 from jsonschema.exceptions import best_match
 from jsonschema.validators import extend
 
-from . import units
+from . import fastpath, units
 from .errors import ContractError, IncompatibleUnitError, UnknownCodeError, UnknownUnitError
 from .loader import EVENT_KINDS, load_schema, schema_registry
 from .terms import Term, TermTable, default_terms
@@ -83,6 +83,31 @@ Semantics = Callable[[dict[str, Any], TermTable], Iterable[Finding]]
 
 
 def _check(schema: str, document: dict[str, Any], semantics: Semantics) -> list[ValidationIssue]:
+    if fastpath.ENABLED and _passes_fast(schema, document, semantics):
+        return []
+    return _check_slowly(schema, document, semantics)
+
+
+def _passes_fast(schema: str, document: dict[str, Any], semantics: Semantics) -> bool:
+    """Nothing to report, as found by the compiled validator and the semantic checks.
+
+    When this says True the slow path would find nothing either (fastpath's docstring says
+    why; tests/schemas/test_contract_fastpath.py holds the two to it). Anything else, a
+    failure included, leaves the document to the slow path, which words what is wrong.
+    """
+    try:
+        if fastpath.verdict(schema, document) is not True:
+            return False
+        for _ in semantics(document, default_terms()):
+            return False
+    except Exception:
+        return False
+    return True
+
+
+def _check_slowly(
+    schema: str, document: dict[str, Any], semantics: Semantics
+) -> list[ValidationIssue]:
     issues: list[ValidationIssue] = []
 
     def guarded(stage: Callable[[], Iterable[Finding]]) -> list[Finding]:
@@ -277,7 +302,7 @@ def _quantity_findings(base: Segments, quantity: dict[str, Any], term: Term) -> 
     if canonical is None or not isinstance(unit, str):
         return
     try:
-        converted = units.to_canonical(value if _is_number(value) else 0.0, unit, canonical)
+        converted = _to_canonical(value if _is_number(value) else 0.0, unit, canonical)
     except (UnknownUnitError, IncompatibleUnitError) as exc:
         yield (*base, "unit"), str(exc)
         return
@@ -291,6 +316,32 @@ def _quantity_findings(base: Segments, quantity: dict[str, Any], term: Term) -> 
             (*base, "value"),
             (f"{value!r} {unit} is {converted:g} as a fraction; a fraction must lie within [0, 1]"),
         )
+
+
+def _to_canonical(value: int | float, unit: str, canonical: str) -> float:
+    """units.to_canonical(value, unit, canonical), to the last bit, with the factor cached.
+
+    Every valid lab, ctDNA and imaging event converts one quantity; `Fraction` arithmetic made
+    that most of the semantic checks' cost. Same errors, same correctly rounded result (a
+    test compares the two over every pair of known units).
+    """
+    numerator, denominator = _unit_factor(unit, canonical)
+    if isinstance(value, float) and not math.isfinite(value):
+        return value * (numerator / denominator)  # as units._scale: inf or nan stays so
+    top, bottom = value.as_integer_ratio() if isinstance(value, float) else (int(value), 1)
+    try:
+        # int / int is correctly rounded, as float(Fraction(value) * factor) is
+        return (top * numerator) / (bottom * denominator)
+    except OverflowError:
+        return -math.inf if value < 0 else math.inf
+
+
+@functools.lru_cache(maxsize=1024)
+def _unit_factor(unit: str, canonical: str) -> tuple[int, int]:
+    """The exact factor from `unit` to `canonical`; raises as units.convert does."""
+    units.convert(0.0, unit, canonical)  # UnknownUnitError / IncompatibleUnitError, worded there
+    factor = units._entry(unit)[1] / units._entry(canonical)[1]  # noqa: SLF001 (same package)
+    return factor.numerator, factor.denominator
 
 
 # -- semantics per document kind ----------------------------------------------------------
