@@ -82,42 +82,67 @@ def _generate(out: Path, n: int, seed: int, grid: int, spacing: float, days: flo
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="folder for the cohort and the report"),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="folder for the cohort, state and report"),
     patients: int = typer.Option(3, "--patients", "-n", min=1, help="number of virtual patients"),
+    members: int = typer.Option(16, "--members", "-m", min=2, help="ensemble members per twin"),
     seed: int = typer.Option(None, help="cohort seed (default: ONCOTWIN_SEED)"),
+    simulate_only: bool = typer.Option(False, "--simulate-only", help="only simulate the cohort and plot its truth"),
 ) -> None:
-    """The main job on a fresh machine: simulate a small virtual cohort under standard-of-care
-    therapy, write its event log, and write a report (plots and a table) of the simulated truth."""
+    """The main job: the whole service on this machine, scored against a virtual truth.
+
+    Starts the embedded Kafka-protocol broker (unless KAFKA_BOOTSTRAP_SERVERS is set), simulates a
+    small virtual glioblastoma cohort, replays its event log through the faust normalizer and the
+    assimilation worker, and writes a report: forecasts from the end of the observed period
+    against the virtual truth (volume error, 95 % interval coverage, Dice, centre-of-mass
+    distance) with plots."""
     from .report import plot_maps, plot_trajectories, summary_rows, write_summary
 
     settings = _settings()
     seed = settings.seed if seed is None else seed
-    cohort, written = _generate(out / "cohort", patients, seed, 32, 3.0, 300.0)
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if simulate_only:
+        cohort, written = _generate(out / "cohort", patients, seed, 32, 3.0, 300.0)
+    else:
+        from .demo import DemoConfig, coverage, run_demo
+        from .report import plot_forecast, plot_forecast_maps
+
+        cohort, finals, scores = run_demo(out, DemoConfig(patients=patients, seed=seed, members=members), console)
     figures = []
     for p in cohort:
-        figures.append(plot_trajectories(p, report / f"{p.pseudonym}-trajectories.png"))
-        figures.append(plot_maps(p, report / f"{p.pseudonym}-maps.png"))
+        figures.append(plot_trajectories(p, report / f"{p.pseudonym}-truth.png"))
+        figures.append(plot_maps(p, report / f"{p.pseudonym}-truth-maps.png"))
     rows = summary_rows(cohort)
-    summary = write_summary(rows, report)
-    columns = {
-        "patient": "patient",
-        "D_mm2_per_day": "D mm²/d",
-        "rho_per_day": "ρ /d",
-        "alpha_per_gy": "α /Gy",
-        "mri": "MRI",
-        "labs": "labs",
-        "volume_day0_ml": "vol₀ mL",
-        "volume_nadir_ml": "nadir mL",
-        "volume_end_ml": f"vol day {300 + 180} mL",
-    }
-    table = Table(*columns.values(), title="virtual cohort (truth)")
-    for row in rows:
-        table.add_row(*(str(row[c]) for c in columns))
-    console.print(table)
-    console.print(f"report: {summary} and {len(figures)} figures in {report}/")
-    console.print(f"event log: {written.events_path} ({written.n_events} events, valid against schemas/)")
+    write_summary(rows, report)
+    if simulate_only:
+        columns = {"patient": "patient", "D_mm2_per_day": "D mm²/d", "rho_per_day": "ρ /d", "alpha_per_gy": "α /Gy",
+                   "mri": "MRI", "labs": "labs", "volume_day0_ml": "vol₀ mL", "volume_nadir_ml": "nadir mL",
+                   "volume_end_ml": "vol day 480 mL"}
+        table = Table(*columns.values(), title="virtual cohort (truth)")
+        for row in rows:
+            table.add_row(*(str(row[c]) for c in columns))
+        console.print(table)
+    else:
+        for pid, fc in finals.items():
+            p = next(p for p in cohort if p.pseudonym == pid)
+            figures.append(plot_forecast(p, fc, report / f"{pid}-forecast.png"))
+            figures.append(plot_forecast_maps(p, fc, report / f"{pid}-forecast-maps.png"))
+        table = Table("patient", "horizon", "true mL", "forecast mL [95 % PI]", "in PI", "Dice", "CoM mm",
+                      title="forecasts from the last analysis vs the virtual truth")
+        lines = ["patient,horizon_days,true_volume_ml,median_ml,lo_ml,hi_ml,covered,dice,com_distance_mm"]
+        for sc in scores:
+            table.add_row(sc.patient, f"+{sc.horizon:g} d", f"{sc.true_volume_ml:.1f}",
+                          f"{sc.median_ml:.1f} [{sc.lo_ml:.1f}, {sc.hi_ml:.1f}]", "yes" if sc.covered else "no",
+                          f"{sc.dice:.2f}", f"{sc.com_distance_mm:.1f}")
+            lines.append(f"{sc.patient},{sc.horizon:g},{sc.true_volume_ml:.4f},{sc.median_ml:.4f},{sc.lo_ml:.4f},"
+                         f"{sc.hi_ml:.4f},{int(sc.covered)},{sc.dice:.4f},{sc.com_distance_mm:.4f}")
+        (report / "forecast_scores.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        console.print(table)
+        errors = [abs(sc.volume_error_ml) for sc in scores]
+        console.print(f"95 % interval coverage {coverage(scores):.2f} over {len(scores)} forecasts; "
+                      f"mean |volume error| {sum(errors) / max(1, len(errors)):.1f} mL")
+    console.print(f"report: {len(figures)} figures and tables in {report}/ ({time.perf_counter() - start:.0f} s)")
 
 
 @app.command()
@@ -232,6 +257,64 @@ def rehearse(
                 cells.append(f"{mid:.3g} [{lo:.3g}, {hi:.3g}]")
             table.add_row(f"+{days:g} d", label, *cells)
     console.print(table)
+
+
+@app.command()
+def worker(
+    metrics_port: int = typer.Option(None, help="port of /metrics and /healthz (default ONCOTWIN_WORKER_METRICS_PORT; 0: any)"),
+    members: int = typer.Option(None, help="ensemble members per twin (default ONCOTWIN_ENSEMBLE_MEMBERS)"),
+    max_batch: int = typer.Option(None, help="most records per micro-batch (default ONCOTWIN_WORKER_MAX_BATCH)"),
+) -> None:
+    """Run one assimilation worker until SIGTERM: observations in, forecasts out. Start more
+    workers (any machine, same KAFKA_BOOTSTRAP_SERVERS and ONCOTWIN_STATE_URL) to scale out."""
+    from dataclasses import replace as _replace
+
+    from stream.worker import WorkerSettings, run_worker
+
+    _settings()
+    settings = WorkerSettings.from_env()
+    overrides = {k: v for k, v in (("metrics_port", metrics_port), ("members", members), ("max_batch", max_batch)) if v is not None}
+    summary = run_worker(settings=_replace(settings, **overrides))
+    console.print(f"worker stopped: {summary.as_dict()}")
+
+
+@app.command()
+def run(
+    metrics_port: int = typer.Option(None, help="worker metrics port (default ONCOTWIN_WORKER_METRICS_PORT)"),
+) -> None:
+    """Run the service in one command: the normalizer (a child process) and one worker (this
+    process), until SIGTERM. In production run `oncotwin normalize` and `oncotwin worker` as
+    separate, separately scaled processes instead."""
+    import os
+    import signal
+    import subprocess
+    from dataclasses import replace as _replace
+
+    from stream import ensure_broker
+    from stream.settings import KafkaSettings
+    from stream.worker import WorkerSettings, run_worker
+
+    _settings()
+    kafka, broker = ensure_broker(KafkaSettings.from_env())
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers)
+    normalizer = subprocess.Popen([sys.executable, "-m", "stream.agents"], env=env)
+    try:
+        settings = WorkerSettings.from_env()
+        if metrics_port is not None:
+            settings = _replace(settings, metrics_port=metrics_port)
+        if broker is not None:
+            console.print(f"embedded broker on {kafka.bootstrap_servers}: point producers at it with KAFKA_BOOTSTRAP_SERVERS")
+        summary = run_worker(kafka, settings)
+        console.print(f"worker stopped: {summary.as_dict()}")
+    finally:
+        if normalizer.poll() is None:
+            normalizer.send_signal(signal.SIGTERM)
+            try:
+                normalizer.wait(30)
+            except subprocess.TimeoutExpired:
+                normalizer.kill()
+        if broker is not None:
+            broker.stop()
 
 
 from .ingest_commands import register as _register_ingest  # noqa: E402

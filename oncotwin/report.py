@@ -125,3 +125,61 @@ def plot_maps(p: VirtualPatient, path: Path, n_times: int = 5) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_forecast(p: VirtualPatient, fc, path: Path) -> Path:
+    """Volume truth and observations with the final forecast's median and 95 % band."""
+    from stream.virtual_feed import day0_of
+
+    days = p.truth_times.numpy()
+    start = (fc.issued_for - day0_of(p)).total_seconds() / 86400.0
+    fig, ax = plt.subplots(figsize=(8, 4))
+    _shade_treatments(ax, p)
+    ax.plot(days, p.truth_volume_ml.numpy(), color="tab:blue", label="truth")
+    mri = [o for o in p.observations if o.kind == "imaging"]
+    ax.plot([o.t for o in mri], [o.value for o in mri], "o", color="tab:red", ms=4, label="MRI volume")
+    t = np.array([start, *(start + h for h in fc.horizons_days)])
+    q = fc.volume_ml[0].cpu().numpy()  # [H, 3]
+    now = float(np.interp(start, days, p.truth_volume_ml.numpy()))
+    lo = np.array([now, *q[:, 0]])
+    mid = np.array([now, *q[:, 1]])
+    hi = np.array([now, *q[:, 2]])
+    ax.fill_between(t, lo, hi, color="tab:green", alpha=0.25, label="forecast 95 % interval")
+    ax.plot(t, mid, "s-", color="tab:green", ms=4, label="forecast median")
+    ax.set_xlabel("days since day 0")
+    ax.set_ylabel("visible tumour volume (mL)")
+    ax.set_title(f"{p.pseudonym}: forecast from day {start:.0f} ({fc.n_members} members)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_forecast_maps(p: VirtualPatient, fc, path: Path) -> Path:
+    """P(visible) at each horizon over the anatomy (slice through the forecast's mass), with the
+    true visible region's outline."""
+    from models import VISIBLE_THRESHOLD
+    from stream.virtual_feed import day0_of
+
+    start = (fc.issued_for - day0_of(p)).total_seconds() / 86400.0
+    prob = fc.prob_visible[0].cpu().numpy()  # [H, X, Y, Z]
+    weight = prob.sum(axis=(0, 1, 2))
+    z = int(np.argmax(weight)) if weight.any() else prob.shape[-1] // 2
+    tissue = p.tissue.numpy()[:, :, z].T
+    n = len(fc.horizons_days)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3))
+    for ax, h, days in zip(np.atleast_1d(axes), range(n), fc.horizons_days):
+        ax.imshow(tissue, cmap="gray", origin="lower", vmin=0, vmax=2)
+        ax.imshow(np.ma.masked_less(prob[h][:, :, z].T, 0.02), cmap="viridis", origin="lower", vmin=0, vmax=1, alpha=0.85)
+        truth = p.field_at(start + days).numpy()[:, :, z].T >= VISIBLE_THRESHOLD
+        if truth.any():
+            ax.contour(truth.astype(float), levels=[0.5], colors="red", linewidths=1)
+        ax.set_title(f"+{days:g} d")
+        ax.axis("off")
+    fig.suptitle(f"{p.pseudonym}: P(visible tumour) forecast (red: truth), slice z={z}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

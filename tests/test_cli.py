@@ -15,7 +15,8 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "simulate", "validate", "settings"):
+    for command in ("demo", "simulate", "validate", "settings", "produce", "replay", "normalize", "worker", "run",
+                    "forecasts", "rehearse", "sparql", "topics"):
         assert command in result.output
 
 
@@ -33,8 +34,8 @@ def test_bad_settings_are_reported_not_crashed(monkeypatch):
     assert result.exit_code == 2 and "ONCOTWIN_DTYPE" in result.output
 
 
-def test_demo_writes_a_report_and_a_valid_log(tmp_path):
-    result = runner.invoke(app, ["demo", "--patients", "1", "--out", str(tmp_path)])
+def test_simulate_only_demo_writes_a_report_and_a_valid_log(tmp_path):
+    result = runner.invoke(app, ["demo", "--simulate-only", "--patients", "1", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((tmp_path / "report" / "summary.csv").open()))
     assert len(rows) == 1 and int(rows[0]["rt_fractions"]) == 30
