@@ -119,7 +119,9 @@ class TreatmentRecord:
 class TwinConfig:
     """How twins are propagated and analysed.
 
-    dt_days, scheme:   simulator step (days) and scheme ("imex" is unconditionally stable).
+    dt_days, scheme:   simulator step (days) and scheme ("auto": explicit where its stability
+                       sub-steps are cheaper than an IMEX solve, else "imex", which is
+                       unconditionally stable; see models.choose_scheme).
     noise, selection:  observation-error model and image voxel selection (see operators).
     param_inflation:   multiplicative inflation of the log-parameter anomalies before each
                        analysis (the parameters have no model noise to keep their spread).
@@ -139,7 +141,7 @@ class TwinConfig:
     """
 
     dt_days: float = 1.0
-    scheme: str = "imex"
+    scheme: str = "auto"
     noise: NoiseModel = field(default_factory=NoiseModel)
     selection: VoxelSelection = field(default_factory=VoxelSelection)
     param_inflation: float = 1.0

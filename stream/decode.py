@@ -81,6 +81,7 @@ class DecodedObservation:
     dicom: ClaimCheck | None = None
     segmentation: ClaimCheck | None = None
     density_map: ClaimCheck | None = None
+    tissue_map: ClaimCheck | None = None
     # treatment
     treatment_type: str | None = None  # radiotherapy, chemotherapy, surgery
     dose: float | None = None
@@ -297,6 +298,7 @@ def _decode(nodes: _Nodes) -> DecodedObservation:
         fields.update(
             segmentation=_claim(obs.child(OT + "segmentation")),
             density_map=_claim(obs.child(OT + "densityMap")),
+            tissue_map=_claim(obs.child(OT + "tissueMap")),
             centroid_mm=centroid if all(v is not None for v in centroid) else None,
         )
         if kind == "imaging":

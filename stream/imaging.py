@@ -442,6 +442,11 @@ def file_facts(event: Mapping[str, Any], config: ImagingConfig, now: datetime, o
         measures = measure_nifti(density.path, density.facts.sha256, "density", spacing, "body.measures.cellularity_map_uri")  # type: ignore[arg-type]
         if centroid is None and measures.centroid_mm is not None:
             centroid, centroid_source = measures.centroid_mm, "density"
+    tissue_claim = body.get("measures", {}).get("tissue_map_uri")
+    tissue_facts = None
+    if tissue_claim is not None:
+        # Verified (inside the root, size and sha256) here; its labels are read by the worker.
+        tissue_facts = resolve(tissue_claim, "body.measures.tissue_map_uri", config, url_allowed=False).facts
     return FileFacts(
         volume_ml=volume,
         centroid_mm=centroid,
@@ -449,4 +454,5 @@ def file_facts(event: Mapping[str, Any], config: ImagingConfig, now: datetime, o
         dicom=dicom_facts,
         segmentation=seg_facts,
         density_map=density_facts,
+        tissue_map=tissue_facts,
     )

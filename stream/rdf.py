@@ -374,6 +374,7 @@ class FileFacts:
     dicom: ClaimCheckFacts | None = None
     segmentation: ClaimCheckFacts | None = None
     density_map: ClaimCheckFacts | None = None
+    tissue_map: ClaimCheckFacts | None = None  # anatomy labels registered to the study
     resection_mask: ClaimCheckFacts | None = None
 
 
@@ -532,6 +533,9 @@ def _imaging_graph(event: Mapping[str, Any], source: Provenance, facts: FileFact
     density = facts.density_map or unverified(body.get("measures", {}).get("cellularity_map_uri"))
     if density is not None:
         resources[0].add(OT + "densityMap", _claim_check(density))
+    tissue = facts.tissue_map or unverified(body.get("measures", {}).get("tissue_map_uri"))
+    if tissue is not None:
+        resources[0].add(OT + "tissueMap", _claim_check(tissue))
     resources.append(patient)
     return EventGraph(eid, event["patient_id"], "imaging", resources)
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import mcode_observations
+from ingest_support import mcode_observations
 
 from stream.deadletter import DeadLetter
 from stream.decode import decode_jsonld

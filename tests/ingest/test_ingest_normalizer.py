@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import dicom_file, local_dicom_testdata
+from ingest_support import dicom_file, local_dicom_testdata
 
 from schemas import example
 from stream.deadletter import DeadLetter, original_bytes
@@ -343,3 +343,19 @@ def test_empty_and_truncated_dicom_files_are_dead_lettered(tmp_path: Path, cut: 
     (tmp_path / "cut.dcm").write_bytes(data)
     event = _dicom_event(tmp_path, tmp_path / "cut.dcm", modality="MR")
     _dead(_normalizer(tmp_path), _record(event), "dicom")
+
+
+def test_anatomy_claim_check_travels_verified_to_the_decoder(cohort: Path, cohort_events: list[dict]) -> None:
+    """A study's tissue map (the anatomy a twin starts from) is resolved, hash-checked and
+    published, so the worker can load it by claim check; a tampered one is dead-lettered."""
+    event = next(e for e in cohort_events if e["kind"] == "imaging")
+    claim = event["body"]["measures"]["tissue_map_uri"]
+    outcome = _one(_normalizer(cohort), _record(event))
+    assert isinstance(outcome, Observation)
+    decoded = decode_jsonld(outcome.value)
+    assert decoded.tissue_map is not None
+    assert (decoded.tissue_map.uri, decoded.tissue_map.sha256, decoded.tissue_map.size) == (claim["uri"], claim["sha256"], claim["size"])
+    tampered = copy.deepcopy(event)
+    tampered["event_id"] = str(uuid.uuid4())
+    tampered["body"]["measures"]["tissue_map_uri"]["sha256"] = "0" * 64
+    _dead(_normalizer(cohort), _record(tampered), "claim-check", "tissue_map_uri")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import dicom_file, local_dicom_testdata, module_settings
+from ingest_support import dicom_file, local_dicom_testdata, module_settings
 
 from schemas import example, parse_time
 from stream import EventProducer, KafkaSettings, Record, Topics, ensure_topics, read_all, timestamp_ms

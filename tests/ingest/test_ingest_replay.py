@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import module_settings
+from ingest_support import module_settings
 
 from schemas import example, parse_time
 from stream import KafkaSettings, Topics, ensure_topics, read_all, timestamp_ms

@@ -43,7 +43,10 @@ def test_a_study_reads_its_volumes_and_the_anatomy(cohort: Cohort):
     assert study.segmentation.shape == study.tissue.shape == (16, 16, 16)
     assert set(np.unique(study.tissue)) <= {0, 1, 2} and study.tumor_volume_ml == decoded.volume_ml
     # Without the anatomy fallback the published RDF has no tissue map (yet): no anatomy.
-    assert adapt(decoded, AdaptConfig(cohort.root, anatomy_fallback=None), record.value).tissue is None
+    # the anatomy arrives as a verified claim check in the observation, no fallback needed
+    assert decoded.tissue_map is not None
+    no_fallback = adapt(decoded, AdaptConfig(cohort.root, anatomy_fallback=None), record.value)
+    assert np.array_equal(no_fallback.tissue, study.tissue)
 
 
 def test_a_tissue_claim_check_in_the_rdf_is_used_and_verified(cohort: Cohort):
@@ -59,9 +62,11 @@ def test_a_tissue_claim_check_in_the_rdf_is_used_and_verified(cohort: Cohort):
     study = adapt(decoded, AdaptConfig(cohort.root, anatomy_fallback=None), value)
     assert study.tissue is not None and (study.tissue > 0).any()
 
-    node["ot:sha256"] = "f" * 64
+    # the decoder's own claim (the normalizer publishes ot:tissueMap) is verified the same way
+    assert decoded.tissue_map is not None
+    tampered = dataclasses.replace(decoded, tissue_map=dataclasses.replace(decoded.tissue_map, sha256="f" * 64))
     with pytest.raises(AdaptError) as caught:
-        adapt(decoded, AdaptConfig(cohort.root), json.dumps(doc).encode())
+        adapt(tampered, AdaptConfig(cohort.root), record.value)
     assert caught.value.stage == "claim-check" and "sha" in caught.value.reason.lower()
 
 
