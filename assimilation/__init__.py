@@ -32,6 +32,7 @@ from .observations import (
 )
 from .store import RetentionPolicy, StateStore, open_backend
 from .twin import PARAM_NAMES, PatientTwin, TwinConfig, advance, assimilate, init_twin
+from .virtual import typed_observations
 
 __all__ = [
     "PARAM_NAMES",
@@ -57,6 +58,7 @@ __all__ = [
     "make_filter",
     "open_backend",
     "radiotherapy_course",
+    "typed_observations",
     "ETKF",
     "LETKF",
     "AnalysisDiagnostics",

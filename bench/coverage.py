@@ -30,14 +30,10 @@ import torch
 from assimilation.engine import Engine, EngineConfig
 from assimilation.filters.etkf import ETKF
 from assimilation.forecast import forecast
-from assimilation.observations import (
-    CtdnaObservation,
-    ImagingObservation,
-    MarkerObservation,
-    TreatmentEvent,
-)
+from assimilation.observations import ImagingObservation, TreatmentEvent
 from assimilation.store import MemoryBackend, StateStore
 from assimilation.twin import advance, assimilate, init_twin
+from assimilation.virtual import typed_observations
 from models.grid import Grid
 from models.virtual_patient import CohortConfig, VirtualPatient, generate_patient
 
@@ -48,33 +44,10 @@ NAMESPACE = uuid.UUID("5d1c3c4e-7a43-4f57-9a0e-2b3a6f1f9c77")
 COHORT = CohortConfig(grid=Grid((16, 16, 16), (5.0, 5.0, 5.0)), observe_days=200.0, truth_margin_days=100.0)
 
 
-def _at(t: float) -> datetime:
-    return DAY0 + timedelta(seconds=round(t * 86400.0))
-
-
-def _id(p: VirtualPatient, *parts: object) -> str:
-    return str(uuid.uuid5(NAMESPACE, ":".join(map(str, (p.pseudonym, *parts)))))
-
-
 def events_of(p: VirtualPatient) -> list:
     """Observations until the end of the observed period; every treatment of the course
     (delivered until then, planned after)."""
-    end = p.config.observe_days
-    out: list = []
-    for o in p.observations:
-        common = dict(event_id=_id(p, o.kind, f"{o.t:.6f}"), patient_id=p.pseudonym, time=_at(o.t))
-        if o.kind == "imaging":
-            out.append(ImagingObservation(**common, spacing_mm=p.grid.spacing, density=o.density.numpy(),
-                                          segmentation=o.segmentation.numpy(), tissue=p.tissue.numpy(),
-                                          tumor_volume_ml=o.value))
-        elif o.kind == "lab":
-            out.append(MarkerObservation(**common, code=o.code, value=o.value, unit=o.unit))
-        else:
-            out.append(CtdnaObservation(**common, tumor_fraction=o.value))
-    for e in p.treatments:
-        out.append(TreatmentEvent(event_id=_id(p, "treatment", e.kind, f"{e.t:.6f}"), patient_id=p.pseudonym,
-                                  time=_at(e.t), kind=e.kind, dose=e.dose, unit=e.unit, drug=e.drug, planned=e.t > end))
-    return sorted(out, key=lambda o: (o.time, o.event_id))
+    return typed_observations(p, DAY0, NAMESPACE, planned=True)
 
 
 def main(n_patients: int = 24, n_members: int = 16) -> dict:

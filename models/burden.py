@@ -21,6 +21,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from .batched import BatchedParams
 from .device import DEFAULT_DTYPE
 from .treatment import Schedule, chemo_exposure, plan_batch, rt_log_kill
 
@@ -28,7 +29,7 @@ GrowthModel = Literal["logistic", "gompertz"]
 
 
 @dataclass
-class BurdenParams:
+class BurdenParams(BatchedParams):
     """Per-member parameters, each a [B] tensor except ``model`` (one law for the whole batch).
 
     rho          1/day       growth rate
@@ -60,13 +61,7 @@ class BurdenParams:
     def __post_init__(self) -> None:
         if self.model not in ("logistic", "gompertz"):
             raise ValueError(f"model must be 'logistic' or 'gompertz', got {self.model!r}")
-        sizes = {getattr(self, n).shape for n in self.NAMES}
-        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-            raise ValueError(f"BurdenParams fields must all be [B] tensors, got shapes {sizes}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.rho.shape[0]
+        self._check_shapes()
 
     @classmethod
     def reference(cls, batch: int = 1, model: GrowthModel = "gompertz",
@@ -84,36 +79,6 @@ class BurdenParams:
                     chemo_decay=math.log(2.0), shed=3.5 * k, clearance=k, baseline=1.0 * k)
         return cls(**{n: torch.full((batch,), v, device=device, dtype=dtype) for n, v in vals.items()},
                    model=model)
-
-    def _map(self, fn) -> "BurdenParams":
-        return BurdenParams(**{n: fn(getattr(self, n)) for n in self.NAMES}, model=self.model)
-
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> "BurdenParams":
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
-
-    def index(self, idx) -> "BurdenParams":
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
-        return self._map(lambda t: t[idx])
-
-    def repeat(self, n: int) -> "BurdenParams":
-        return self._map(lambda t: t.repeat_interleave(n))
-
-    def expand(self, batch: int) -> "BurdenParams":
-        if self.batch_size == batch:
-            return self
-        if self.batch_size != 1:
-            raise ValueError(f"cannot expand a batch of {self.batch_size} to {batch}")
-        return self._map(lambda t: t.expand(batch).clone())
-
-    @staticmethod
-    def stack(params: Sequence["BurdenParams"]) -> "BurdenParams":
-        models = {p.model for p in params}
-        if len(models) != 1:
-            raise ValueError(f"cannot stack different growth models {models}")
-        return BurdenParams(**{n: torch.cat([getattr(p, n) for p in params]) for n in BurdenParams.NAMES},
-                            model=models.pop())
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .batched import BatchedParams
 from .device import DEFAULT_DTYPE
 from .diffusion import DiffusionOperator, ImplicitDiffusion
 from .grid import Grid
@@ -35,7 +36,7 @@ from .treatment import Schedule, chemo_exposure, plan_batch, rt_log_kill
 
 
 @dataclass
-class TumorParams:
+class TumorParams(BatchedParams):
     """Per-member model parameters, each a [B] tensor.
 
     D            mm^2/day  white-matter diffusivity; D(x) = D * diffusion_weight(labels)(x)
@@ -56,21 +57,7 @@ class TumorParams:
     NAMES = ("D", "rho", "alpha", "alpha_beta", "k_chemo", "chemo_decay")
 
     def __post_init__(self) -> None:
-        sizes = {getattr(self, n).shape for n in self.NAMES}
-        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-            raise ValueError(f"TumorParams fields must all be [B] tensors, got shapes {sizes}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.D.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.D.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.D.dtype
+        self._check_shapes()
 
     @classmethod
     def reference(cls, batch: int = 1, device: torch.device | str | None = None,
@@ -86,35 +73,6 @@ class TumorParams:
         vals = dict(D=0.1, rho=0.05, alpha=0.05, alpha_beta=10.0, k_chemo=0.02,
                     chemo_decay=math.log(2.0))
         return cls(**{k: torch.full((batch,), v, device=device, dtype=dtype) for k, v in vals.items()})
-
-    def _map(self, fn) -> "TumorParams":
-        return TumorParams(**{n: fn(getattr(self, n)) for n in self.NAMES})
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TumorParams":
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
-
-    def index(self, idx) -> "TumorParams":
-        """Members selected by ``idx`` (int, slice, index or bool tensor); the batch dim is kept."""
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
-        return self._map(lambda t: t[idx])
-
-    def repeat(self, n: int) -> "TumorParams":
-        """Each member repeated ``n`` times consecutively (patients x members layout)."""
-        return self._map(lambda t: t.repeat_interleave(n))
-
-    def expand(self, batch: int) -> "TumorParams":
-        """Broadcast a batch-1 parameter set to ``batch`` members (copies)."""
-        if self.batch_size == batch:
-            return self
-        if self.batch_size != 1:
-            raise ValueError(f"cannot expand a batch of {self.batch_size} to {batch}")
-        return self._map(lambda t: t.expand(batch).clone())
-
-    @staticmethod
-    def stack(params: Sequence["TumorParams"]) -> "TumorParams":
-        """Concatenate parameter sets along the batch."""
-        return TumorParams(**{n: torch.cat([getattr(p, n) for p in params]) for n in TumorParams.NAMES})
 
     def as_tensor(self) -> Tensor:
         """[B, 6] in the order of ``NAMES`` (for ensemble statistics and EnKF state vectors)."""

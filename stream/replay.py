@@ -121,14 +121,26 @@ def read_file(path: Path, summary: SendSummary) -> Iterator[Outgoing]:
             yield out
 
 
-def _send(producer: EventProducer, topics: Topics, out: Outgoing) -> None:
-    producer.send(
-        topics.event_topic(out.kind),
-        out.key,
-        out.value,
-        timestamp_ms=timestamp_ms(out.occurred_at),
-        headers=record_headers(event_id=out.event_id, kind=out.kind),
-    )
+def _send(producer: EventProducer, topics: Topics, out: Outgoing, summary: SendSummary) -> None:
+    try:
+        producer.send(
+            topics.event_topic(out.kind),
+            out.key,
+            out.value,
+            timestamp_ms=timestamp_ms(out.occurred_at),
+            headers=record_headers(event_id=out.event_id, kind=out.kind),
+        )
+        summary.sent += 1
+    except DeliveryError as exc:
+        summary.failed += exc.total_failed
+
+
+def _flush(producer: EventProducer, summary: SendSummary, timeout: float, *, close: bool = False) -> None:
+    """Wait for acknowledgements; records the brokers refused count as failed."""
+    try:
+        producer.close(timeout) if close else producer.flush(timeout)
+    except DeliveryError as exc:
+        summary.failed += exc.total_failed
 
 
 def produce(settings: KafkaSettings, files: Iterable[Path], *, producer: EventProducer | None = None) -> SendSummary:
@@ -140,21 +152,11 @@ def produce(settings: KafkaSettings, files: Iterable[Path], *, producer: EventPr
     try:
         for path in files:
             for out in read_file(Path(path), summary):
-                try:
-                    _send(producer, topics, out)
-                    summary.sent += 1
-                except DeliveryError as exc:
-                    summary.failed += exc.total_failed
-        try:
-            producer.flush(60)
-        except DeliveryError as exc:
-            summary.failed += exc.total_failed
+                _send(producer, topics, out, summary)
+        _flush(producer, summary, 60)
     finally:
         if own:
-            try:
-                producer.close(10)
-            except DeliveryError as exc:
-                summary.failed += exc.total_failed
+            _flush(producer, summary, 10, close=True)
     summary.sent = max(0, summary.sent - summary.failed)
     return summary
 
@@ -200,21 +202,11 @@ def replay(
                 if wait > 0:
                     producer.poll(0)
                     sleep(wait)
-            try:
-                _send(producer, topics, out)
-                summary.sent += 1
-            except DeliveryError as exc:
-                summary.failed += exc.total_failed
-        try:
-            producer.flush(60)
-        except DeliveryError as exc:
-            summary.failed += exc.total_failed
+            _send(producer, topics, out, summary)
+        _flush(producer, summary, 60)
     finally:
         if own:
-            try:
-                producer.close(10)
-            except DeliveryError as exc:
-                summary.failed += exc.total_failed
+            _flush(producer, summary, 10, close=True)
     summary.sent = max(0, summary.sent - summary.failed)
     return summary
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from assimilation.observations import (
-    CtdnaObservation,
-    ImagingObservation,
-    MarkerObservation,
-    Observation,
-    TreatmentEvent,
-)
+from assimilation.observations import Observation
+from assimilation.virtual import typed_observations as _typed
 from models.grid import Grid
 from models.virtual_patient import CohortConfig, VirtualPatient
 
@@ -34,28 +29,5 @@ def event_id(patient: VirtualPatient, *parts: object) -> str:
 
 def typed_observations(patient: VirtualPatient, until: float | None = None, treatments: bool = True,
                        planned: bool = False) -> list[Observation]:
-    """The patient's observations and delivered treatments up to ``until`` days (default: the
-    observed period), in event order; every study carries the anatomy (as a DICOM-derived feed
-    would). ``planned``: the rest of the treatment course follows as planned treatments."""
-    until = patient.config.observe_days if until is None else until
-    out: list[Observation] = []
-    for o in patient.observations:
-        if o.t > until:
-            continue
-        eid = event_id(patient, o.kind, f"{o.t:.6f}")
-        common = dict(event_id=eid, patient_id=patient.pseudonym, time=at(o.t))
-        if o.kind == "imaging":
-            out.append(ImagingObservation(**common, spacing_mm=patient.grid.spacing, density=o.density.numpy(),
-                                          segmentation=o.segmentation.numpy(), tissue=patient.tissue.numpy(),
-                                          tumor_volume_ml=o.value))
-        elif o.kind == "lab":
-            out.append(MarkerObservation(**common, code=o.code, value=o.value, unit=o.unit))
-        else:
-            out.append(CtdnaObservation(**common, tumor_fraction=o.value))
-    if treatments:
-        for e in patient.treatments:
-            if e.t <= until or planned:
-                out.append(TreatmentEvent(event_id=event_id(patient, "treatment", e.kind, f"{e.t:.6f}"),
-                                          patient_id=patient.pseudonym, time=at(e.t), kind=e.kind, dose=e.dose,
-                                          unit=e.unit, drug=e.drug, planned=e.t > until))
-    return sorted(out, key=lambda o: (o.time, o.event_id))
+    """assimilation.virtual.typed_observations with the test cohort's day 0 and id namespace."""
+    return _typed(patient, DAY0, NAMESPACE, until=until, treatments=treatments, planned=planned)
