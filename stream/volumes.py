@@ -22,19 +22,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_nifti(path: Path, array: np.ndarray, spacing_mm: tuple[float, float, float]) -> None:
-    """Write a 3-D volume with an RAS affine of the given voxel spacing (mm).
-
-    Gzip runs with mtime=0 so the same array always gives the same bytes (and the same sha256).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def nifti_bytes(array: np.ndarray, spacing_mm: tuple[float, float, float], *, compress: bool = True) -> bytes:
+    """A 3-D (or 4-D: volumes along the last axis) NIfTI-1 image with an RAS affine of the given
+    voxel spacing (mm). Gzip runs with mtime=0: the same array always gives the same bytes."""
     affine = np.diag([*map(float, spacing_mm), 1.0])
     image = nib.Nifti1Image(np.asarray(array), affine)
     image.header.set_xyzt_units("mm", "sec")
     raw = image.to_bytes()
-    if path.name.endswith(".gz"):
-        raw = gzip.compress(raw, mtime=0)
+    return gzip.compress(raw, mtime=0) if compress else raw
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing_mm: tuple[float, float, float]) -> None:
+    """Write a volume (see nifti_bytes) to path, write-then-rename; gzipped for *.gz."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = nifti_bytes(array, spacing_mm, compress=path.name.endswith(".gz"))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(raw)
     tmp.replace(path)

@@ -65,6 +65,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 from confluent_kafka import TopicPartition
 
 from assimilation.engine import BatchResult, Engine, EngineConfig
@@ -79,6 +80,7 @@ from stream.deadletter import DeadLetter
 from stream.metrics import MetricsServer, WorkerMetrics
 from stream.producer import DeliveryError, EventProducer, record_headers
 from stream.settings import KafkaSettings
+from stream.volumes import nifti_bytes
 from stream.topics import Topics, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ log = logging.getLogger(__name__)
 #: Version of the forecast contract (schemas/json/forecast.json $id), sent as a header.
 FORECAST_SCHEMA_VERSION = "1.0"
 OUTBOX_PREFIX = "outbox/forecasts/"
+MAPS_PREFIX = "maps/"
 
 # name -> (default, help), in the shape of stream.settings.ENV_VARS.
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -147,6 +150,18 @@ class BatchOutcome:
 
 class _Transient(Exception):
     """A failure worth retrying the batch for (nothing was committed)."""
+
+
+def probability_map(fc: Forecast, record: Mapping[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
+    """(store key, NIfTI bytes, claim check) of a forecast record's P(visible) maps:
+    [X, Y, Z, horizon] float32, stored beside the twins. The claim check's URI is the key,
+    relative to ONCOTWIN_STATE_URL, so replays into any state store give identical records."""
+    s = fc.scenarios.index(record.get("scenario") or fc.scenarios[0])
+    maps = np.ascontiguousarray(np.moveaxis(fc.prob_visible[s].detach().cpu().numpy().astype(np.float32), 0, -1))
+    data = nifti_bytes(maps, fc.grid_spacing_mm)
+    key = f"{MAPS_PREFIX}{quote(fc.patient_id, safe='')}/{record['forecast_id']}.nii.gz"
+    claim = {"uri": key, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "format": "nifti"}
+    return key, data, claim
 
 
 def utc_now() -> datetime:
@@ -505,7 +520,7 @@ class Worker:
         published: list[Forecast] = []
         sent_records = 0
         for fc in forecasts:
-            records = fc.to_records(issued_at)
+            records = [self._attach_map(fc, r) for r in fc.to_records(issued_at)]
             problems = [(r, validate_forecast(r)) for r in records]
             bad = [(r, issues) for r, issues in problems if issues]
             if bad:
@@ -536,6 +551,11 @@ class Worker:
             self.metrics.dead_letters.labels(dead.stage).inc()
         self.summary.dead_letters += len(outcome.dead_letters)
         return published
+
+    def _attach_map(self, fc: Forecast, record: dict[str, Any]) -> dict[str, Any]:
+        key, data, claim = probability_map(fc, record)
+        self.store.backend.put_bytes(key, data)
+        return {**record, "probability_map_uri": claim}
 
     def _flush(self) -> None:
         for attempt in range(1, self.flush_attempts + 1):

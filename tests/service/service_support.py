@@ -20,6 +20,7 @@ from assimilation.store import MemoryBackend, StateStore
 from assimilation.twin import PatientTwin
 from stream import BatchConsumer, EventProducer, KafkaSettings, Record, Topics, read_all
 from stream.adapt import AdaptConfig, adapt, decode_record
+from stream.worker import probability_map
 
 REPO = Path(__file__).resolve().parents[2]
 #: CI-sized: 8 members, two horizons (the worker subprocesses get the same through the env).
@@ -81,7 +82,8 @@ def reference_run(cohort: Cohort) -> Reference:
     final: dict[str, dict] = {}
     for fc in engine.process_batch(observations).forecasts:
         (record,) = fc.to_records(ISSUED)
-        final[fc.patient_id] = stripped(record)
+        # what the worker adds: the claim check of the stored probability maps
+        final[fc.patient_id] = stripped({**record, "probability_map_uri": probability_map(fc, record)[2]})
     twins = {pid: engine.store.latest(pid) for pid in final}
     return Reference(final, twins)  # type: ignore[arg-type]
 

@@ -30,6 +30,7 @@ from assimilation.store import StateStore
 from schemas import validate_forecast
 from stream import KafkaSettings, Topics, ensure_topics, read_all
 from stream.deadletter import original_bytes
+from stream.volumes import read_nifti, sha256_file
 from stream.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -81,6 +82,14 @@ def test_forecasts_reflect_the_events_one_per_updated_patient_per_batch(
         assert final[pid] == reference[pid]
         assert sorted(applied_ids(state_dir, pid)) == sorted(cohort.event_ids(pid))
     assert read_all(settings, topics.deadletter, timeout=5, idle_timeout=0.5) == []
+    # every forecast's probability maps resolve under the state store and verify by hash
+    for doc in docs:
+        claim = doc["probability_map_uri"]
+        path = Path(state_dir) / claim["uri"]
+        assert path.stat().st_size == claim["size"] and sha256_file(path) == claim["sha256"]
+        maps, spacing = read_nifti(path)
+        assert maps.shape == (16, 16, 16, len(doc["horizons"])) and spacing == pytest.approx((5.0, 5.0, 5.0))
+        assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
 
 
 def test_redelivered_records_are_applied_once(settings, topics, state_dir, cohort: Cohort, reference):
