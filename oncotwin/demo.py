@@ -130,7 +130,7 @@ class _Normalizer:
 
 def run_demo(out: Path, config: DemoConfig, console: Console) -> tuple[list[VirtualPatient], dict, list[Score]]:
     """Run the service end to end into ``out``; returns patients, final forecasts and scores."""
-    out = Path(out)
+    out = Path(out).resolve()  # file URIs (the state store) need absolute paths
     cohort_root, data_dir, state_dir = out / "cohort", out / "data", out / "state"
     for d in (cohort_root, data_dir, state_dir):
         d.mkdir(parents=True, exist_ok=True)

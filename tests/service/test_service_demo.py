@@ -36,7 +36,9 @@ def test_demo_command_writes_the_report(tmp_path, monkeypatch):
     import oncotwin.demo as demo
 
     monkeypatch.setattr(demo, "DemoConfig", lambda **kw: DemoConfig(**{**kw, "grid": 16, "spacing_mm": 5.0, "observe_days": 100.0, "idle_s": 8.0}))
-    result = CliRunner().invoke(app, ["demo", "--patients", "1", "--members", "8", "--out", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)  # the default --out is relative, as a new user runs it
+    result = CliRunner().invoke(app, ["demo", "--patients", "1", "--members", "8"])
+    tmp_path = tmp_path / "demo-out"
     assert result.exit_code == 0, result.output
     report = tmp_path / "report"
     rows = list(csv.DictReader((report / "forecast_scores.csv").open()))
