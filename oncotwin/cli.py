@@ -128,8 +128,10 @@ def demo(
             p = next(p for p in cohort if p.pseudonym == pid)
             figures.append(plot_forecast(p, fc, report / f"{pid}-forecast.png"))
             figures.append(plot_forecast_maps(p, fc, report / f"{pid}-forecast-maps.png"))
-        table = Table("patient", "horizon", "true mL", "forecast mL [95 % PI]", "in PI", "Dice", "CoM mm",
-                      title="forecasts from the last analysis vs the virtual truth")
+        table = Table(title="forecasts from the last analysis vs the virtual truth")
+        table.add_column("patient", no_wrap=True, min_width=16)
+        for column in ("horizon", "true mL", "forecast mL [95 % PI]", "in PI", "Dice", "CoM mm"):
+            table.add_column(column)
         lines = ["patient,horizon_days,true_volume_ml,median_ml,lo_ml,hi_ml,covered,dice,com_distance_mm"]
         for sc in scores:
             table.add_row(sc.patient, f"+{sc.horizon:g} d", f"{sc.true_volume_ml:.1f}",
