@@ -9,13 +9,14 @@ from .observables import (VISIBLE_THRESHOLD, center_of_mass, ctdna_fraction, mar
 from .priors import LogNormal, TumorPrior
 from .reaction_diffusion import SimResult, TumorParams, choose_scheme, simulate, stable_dt
 from .tissue import GRAY, OUTSIDE, TISSUE_WEIGHT, WHITE, diffusion_weight, synthetic_brain
-from .treatment import (BatchPlan, Schedule, Segment, chemo_exposure, lq_survival, plan_batch,
+from .treatment import (BatchPlan, Schedule, Segment, chemo_exposure, chemo_step_survival,
+                        lq_survival, plan_batch,
                         plan_steps, rt_log_kill)
 
 __all__ = [
     "BatchPlan", "BurdenParams", "BurdenResult", "BurdenSeries", "DEFAULT_DTYPE",
     "DiffusionOperator", "GRAY", "Grid", "OUTSIDE", "Schedule", "Segment", "SimResult",
-    "TISSUE_WEIGHT", "TumorParams", "WHITE", "chemo_exposure", "diffusion_weight",
+    "TISSUE_WEIGHT", "TumorParams", "WHITE", "chemo_exposure", "chemo_step_survival", "diffusion_weight",
     "gaussian_blob", "growth_flow", "lq_survival", "plan_batch", "plan_steps", "resolve_device",
     "rt_log_kill", "simulate", "simulate_burden", "stable_dt", "synthetic_brain",
     "choose_scheme", "LogNormal", "TumorPrior", "VISIBLE_THRESHOLD", "center_of_mass",

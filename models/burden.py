@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .batched import BatchedParams
 from .device import DEFAULT_DTYPE
-from .treatment import Schedule, chemo_exposure, plan_batch, rt_log_kill
+from .treatment import Schedule, chemo_step_survival, plan_batch, rt_log_kill
 
 GrowthModel = Literal["logistic", "gompertz"]
 
@@ -134,13 +134,7 @@ def simulate_burden(n0: Tensor, m0: Tensor, params: BurdenParams, t0: float, t1:
     plan = plan_batch(t0, t1, [float(dt)] * bsz, schedule, save_at)
     n_rows = plan.n_rows
     h = (plan.t_end - plan.t_start).to(device=device, dtype=dtype)      # [K, B], 0 when idle
-    kill = None
-    if schedule is not None and schedule.chemo_times.shape[1] > 0 and n_rows:
-        expo = chemo_exposure(plan.t_start.to(device).reshape(-1), plan.t_end.to(device).reshape(-1),
-                              schedule.chemo_times.repeat(n_rows, 1),
-                              schedule.chemo_doses.repeat(n_rows, 1),
-                              p.chemo_decay.to(schedule.chemo_doses.dtype).repeat(n_rows))
-        kill = torch.exp(-p.k_chemo * expo.view(n_rows, bsz).to(dtype))
+    kill = chemo_step_survival(plan, schedule, p.k_chemo, p.chemo_decay)
     survival = None
     if bool((~torch.isnan(plan.rt_at)).any()):
         log_kill, _ = rt_log_kill(schedule, plan.rt_at.to(device), p.alpha, p.alpha_beta)

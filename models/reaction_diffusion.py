@@ -32,7 +32,7 @@ from .batched import BatchedParams
 from .device import DEFAULT_DTYPE
 from .diffusion import DiffusionOperator, ImplicitDiffusion
 from .grid import Grid
-from .treatment import Schedule, chemo_exposure, plan_batch, rt_log_kill
+from .treatment import Schedule, chemo_step_survival, plan_batch, rt_log_kill
 
 
 @dataclass
@@ -186,13 +186,7 @@ def simulate(u0: Tensor, weight: Tensor | DiffusionOperator, params: TumorParams
     pre_tau = torch.where(plan.first.to(device), 0.5 * tau, 0.0)
     post_tau = torch.where(plan.last.to(device), 0.5 * tau, tau)
     any_pre = plan.first.any(dim=1).tolist()
-    kill = None
-    if schedule is not None and schedule.chemo_times.shape[1] > 0 and n_rows:
-        expo = chemo_exposure(plan.t_start.to(device).reshape(-1), plan.t_end.to(device).reshape(-1),
-                              schedule.chemo_times.repeat(n_rows, 1),
-                              schedule.chemo_doses.repeat(n_rows, 1),
-                              p.chemo_decay.to(schedule.chemo_doses.dtype).repeat(n_rows))
-        kill = torch.exp(-p.k_chemo * expo.view(n_rows, bsz).to(dtype))
+    kill = chemo_step_survival(plan, schedule, p.k_chemo, p.chemo_decay)
     rt_applied = torch.zeros(bsz, dtype=torch.long, device=device)
     any_rt = (~torch.isnan(plan.rt_at)).any(dim=1).tolist()
     rt_factor = None

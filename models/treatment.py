@@ -190,6 +190,21 @@ def chemo_exposure(t0: float | Tensor, t1: float | Tensor, times: Tensor, doses:
     return torch.where(active, contrib, torch.zeros_like(contrib)).sum(dim=1)
 
 
+def chemo_step_survival(plan: "BatchPlan", schedule: Schedule | None, k_chemo: Tensor,
+                        chemo_decay: Tensor) -> Tensor | None:
+    """Chemotherapy survival exp(−k_c ∫C dt) of every step of a batch plan, [K, B] in the dtype
+    and on the device of ``k_chemo`` (exact exposure integral per step); None without chemo."""
+    if schedule is None or schedule.chemo_times.shape[1] == 0 or plan.n_rows == 0:
+        return None
+    n_rows, bsz = plan.t_start.shape
+    device = k_chemo.device
+    expo = chemo_exposure(plan.t_start.to(device).reshape(-1), plan.t_end.to(device).reshape(-1),
+                          schedule.chemo_times.repeat(n_rows, 1),
+                          schedule.chemo_doses.repeat(n_rows, 1),
+                          chemo_decay.to(schedule.chemo_doses.dtype).repeat(n_rows))
+    return torch.exp(-k_chemo * expo.view(n_rows, bsz).to(k_chemo.dtype))
+
+
 @dataclass(frozen=True)
 class Segment:
     """One stretch of a step grid: ``n_steps`` equal steps from ``t_start`` to ``t_end`` days,

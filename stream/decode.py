@@ -24,6 +24,7 @@ from stream.rdf import (
     RDF_TYPE,
     RXNORM,
     XSD,
+    ClaimCheckFacts,
     expand,
 )
 
@@ -38,14 +39,8 @@ class DecodeError(ValueError):
     """The document is not the graph of one normalized event."""
 
 
-@dataclass(frozen=True)
-class ClaimCheck:
-    uri: str
-    sha256: str
-    size: int
-    format: str | None = None
-    content: str | None = None
-    verified: bool = False
+# The decoded claim check is the one the graph was built from (stream.rdf), read back.
+ClaimCheck = ClaimCheckFacts
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,10 @@ import os
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from stream import EmbeddedBroker, KafkaSettings
 
 
 MCODE_PACKAGE = "hl7.fhir.us.mcode@4.0.0"
@@ -25,20 +23,6 @@ FHIR_CACHE = Path(os.environ.get("ONCOTWIN_FHIR_CACHE", Path.home() / ".cache" /
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: needs a Kafka-protocol broker (embedded tansu by default)")
-
-
-@pytest.fixture(scope="session")
-def ingest_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaSettings]:
-    """A broker for the ingestion tests: external when asked for, else an embedded tansu."""
-    if os.environ.get("ONCOTWIN_TEST_KAFKA", "").strip().lower() == "external":
-        settings = KafkaSettings.from_env()
-        if settings.embedded:
-            pytest.fail("ONCOTWIN_TEST_KAFKA=external needs KAFKA_BOOTSTRAP_SERVERS")
-        yield settings
-        return
-    log_dir = tmp_path_factory.mktemp("ingest-broker")
-    with EmbeddedBroker(log_path=log_dir / "tansu.log") as broker:
-        yield KafkaSettings.from_env({}).with_bootstrap(broker.bootstrap_servers)
 
 
 

@@ -117,8 +117,8 @@ def new_lab(value: float = 5.0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def worker(ingest_kafka: KafkaSettings, cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    settings = module_settings(ingest_kafka)
+def worker(local_kafka: KafkaSettings, cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    settings = module_settings(local_kafka)
     topics = Topics.from_settings(settings)
     ensure_topics(settings, topics)
     base = tmp_path_factory.mktemp("normalizer")

@@ -73,9 +73,9 @@ def test_replay_window_and_fast_mode(tmp_path: Path, cohort_events: list[dict]) 
 
 @pytest.mark.integration
 def test_produce_files_sends_valid_records_and_reports_the_rest(
-    ingest_kafka: KafkaSettings, tmp_path: Path, cohort_events: list[dict]
+    local_kafka: KafkaSettings, tmp_path: Path, cohort_events: list[dict]
 ) -> None:
-    settings = module_settings(ingest_kafka, partitions=2)
+    settings = module_settings(local_kafka, partitions=2)
     topics = Topics.from_settings(settings)
     ensure_topics(settings, topics)
     log = tmp_path / "events.jsonl"

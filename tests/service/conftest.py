@@ -4,7 +4,6 @@ cohort, and per test its own topic prefix, consumer group and state directory.""
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from service_support import Cohort, ObservationRecord, Reference, reference_run
-from stream import EmbeddedBroker, KafkaSettings, Topics, ensure_topics
+from stream import KafkaSettings, Topics, ensure_topics
 
 PARTITIONS = 3
 
@@ -34,23 +33,10 @@ def _few_threads() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
-def service_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaSettings]:
-    """The embedded tansu broker (or KAFKA_BOOTSTRAP_SERVERS with ONCOTWIN_TEST_KAFKA=external)."""
-    if os.environ.get("ONCOTWIN_TEST_KAFKA", "").strip().lower() == "external":
-        settings = KafkaSettings.from_env()
-        if settings.embedded:
-            pytest.fail("ONCOTWIN_TEST_KAFKA=external needs KAFKA_BOOTSTRAP_SERVERS")
-        yield settings
-        return
-    with EmbeddedBroker(log_path=tmp_path_factory.mktemp("service-broker") / "tansu.log") as broker:
-        yield KafkaSettings.from_env({}).with_bootstrap(broker.bootstrap_servers)
-
-
 @pytest.fixture
-def settings(service_kafka: KafkaSettings) -> KafkaSettings:
+def settings(local_kafka: KafkaSettings) -> KafkaSettings:
     prefix = f"svc-{uuid.uuid4().hex[:10]}"
-    return replace(service_kafka, topic_prefix=prefix, consumer_group=f"{prefix}-workers", topic_partitions=PARTITIONS)
+    return replace(local_kafka, topic_prefix=prefix, consumer_group=f"{prefix}-workers", topic_partitions=PARTITIONS)
 
 
 @pytest.fixture
