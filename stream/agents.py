@@ -9,11 +9,12 @@ that runs ``stream.normalizer`` and then, in this order:
 1. publishes each observation (JSON-LD, key = patient pseudonym, headers, timestamp = event
    time) to ``oncotwin.observations.v1`` and each dead letter to ``oncotwin.deadletter.v1``,
    and waits until the brokers acknowledged every record (retrying, never dropping);
-2. adds the observations' graphs to the RDF store (one named graph per event: the durable
-   seen-set that makes duplicates produce one observation);
-3. returns to the agent, which lets faust acknowledge the batch: offsets are committed only
-   for records whose outcome is durable. A crash between 1 and 2 republishes the batch's
-   observations after the restart (at-least-once); consumers deduplicate on the event id.
+2. adds the observations' graphs to the RDF store and marks them stored (the durable seen-set
+   that makes duplicates produce one observation);
+3. acknowledges the batch's events to faust once the graphs are stored: offsets are committed
+   only for records whose outcome is durable. Storing runs in a thread of its own while the
+   next batch is normalized. A crash between 1 and 2 republishes the batch's observations after
+   the restart (at-least-once); consumers deduplicate on the event id.
 
 Records are published with confluent-kafka (librdkafka) rather than faust's aiokafka producer:
 it is several times cheaper per record, and ``flush`` tells exactly whether all were delivered.
@@ -26,13 +27,15 @@ is how others query it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +107,15 @@ class Counters:
 
 
 class NormalizerService:
-    """The Kafka- and store-facing side of the normalizer, independent of faust."""
+    """The Kafka- and store-facing side of the normalizer, independent of faust.
+
+    ``handle`` normalizes and publishes a batch in the caller's thread and hands the graphs to
+    a store-writer thread (Oxigraph loads without the GIL), so that storing batch k overlaps
+    normalizing batch k+1. A batch is durable once its graphs are stored and marked;
+    ``on_durable`` tells the caller when, and only then may its offsets be committed. At most
+    ``max_unstored`` batches wait for the store; events published but not yet marked count as
+    seen, so a duplicate in the next batch is still caught.
+    """
 
     def __init__(
         self,
@@ -113,6 +124,7 @@ class NormalizerService:
         store: RdfStore,
         *,
         retry_pause_s: float = 1.0,
+        max_unstored: int = 2,
     ) -> None:
         self.kafka = kafka
         self.topics = normalizer.topics
@@ -120,16 +132,28 @@ class NormalizerService:
         self.store = store
         self.counters = Counters()
         self.retry_pause_s = retry_pause_s
+        self.max_unstored = max(1, max_unstored)
         self._producer = EventProducer(kafka)
         self._lock = threading.Lock()
+        self._store_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdf-store")
+        self._unstored: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+        self._unmarked: set[str] = set()
+        self._unmarked_lock = threading.Lock()
 
-    def handle(self, records: Sequence[SourceRecord]) -> BatchResult:
-        """Normalize, publish (until acknowledged), store. Runs in one worker thread."""
+    def handle(self, records: Sequence[SourceRecord], on_durable: Callable[[], None] | None = None) -> BatchResult:
+        """Normalize, publish (until acknowledged), then store in the background. Runs in one
+        worker thread; raises if storing an earlier batch failed (that batch never becomes
+        durable, so it is read again after a restart)."""
         with self._lock:
-            result = self.normalizer.process(records, seen=self.store.contains_event)
+            self._check_store()
+            result = self.normalizer.process(records, seen=self._seen)
             self._publish(result.observations, result.dead_letters)
-            if result.observations:
-                self.store.add_graphs([o.graph for o in result.observations])
+            graphs = [(o.event_id, o.nquads) for o in result.observations]
+            with self._unmarked_lock:
+                self._unmarked.update(eid for eid, _ in graphs)
+            while len(self._unstored) >= self.max_unstored:
+                self._unstored.popleft().result()
+            self._unstored.append(self._store_writer.submit(self._store, graphs, on_durable))
             self.counters.add(result, len(records))
             for dead in result.dead_letters:
                 log.warning(
@@ -139,6 +163,32 @@ class NormalizerService:
             if result.duplicates:
                 log.info("skipped %d duplicate event(s) already published", len(result.duplicates))
             return result
+
+    def _seen(self, event_id: str) -> bool:
+        with self._unmarked_lock:
+            if event_id in self._unmarked:
+                return True
+        return self.store.contains_event(event_id)
+
+    def _store(self, graphs: list[tuple[str, str]], on_durable: Callable[[], None] | None) -> None:
+        # Marked only after the batch was published (handle publishes first): a crash before
+        # the marks republishes the batch rather than losing it.
+        written = self.store.write(graphs)
+        self.store.mark(written)
+        with self._unmarked_lock:
+            self._unmarked.difference_update(eid for eid, _ in graphs)
+        if on_durable is not None:
+            on_durable()
+
+    def _check_store(self) -> None:
+        while self._unstored and self._unstored[0].done():
+            self._unstored.popleft().result()  # re-raises a failure of the store writer
+
+    def drain(self) -> None:
+        """Wait until every handled batch is stored (and reported durable)."""
+        with self._lock:
+            while self._unstored:
+                self._unstored.popleft().result()
 
     def _publish(self, observations: Sequence[Any], dead_letters: Sequence[DeadLetter]) -> None:
         attempt = 0
@@ -159,16 +209,37 @@ class NormalizerService:
                 time.sleep(min(30.0, self.retry_pause_s * attempt))
 
     def query_json(self, sparql: str) -> dict[str, Any]:
+        """Answer over the store once the batches handled so far are in it: a query sees
+        every observation published before it."""
         with self._lock:
+            concurrent.futures.wait(list(self._unstored))
             return self.store.query_json(sparql)
 
     def close(self) -> None:
+        try:
+            self.drain()
+        except Exception:  # noqa: BLE001  (shutting down: the batch is read again after a restart)
+            log.exception("storing the last batches failed at shutdown")
         with self._lock:
             try:
                 self._producer.close(10)
             except DeliveryError as exc:
                 log.error("records not delivered at shutdown: %s", exc)
+            self._store_writer.shutdown(wait=True)
             self.store.flush()
+
+
+def _ack_later(loop: asyncio.AbstractEventLoop, events: Sequence[Any]) -> None:
+    """Ack faust events from the store-writer thread (on the event loop's own thread)."""
+
+    def ack() -> None:
+        for event in events:
+            event.ack()
+
+    try:
+        loop.call_soon_threadsafe(ack)
+    except RuntimeError:  # the loop is closed: not committed, read again and deduplicated
+        log.info("event loop closed before %d event(s) were acknowledged", len(events))
 
 
 def source_record(message: Any) -> SourceRecord:
@@ -239,7 +310,11 @@ def create_app(
         svc = await loop.run_in_executor(executor, service)
         async for events in stream.take_events(agent_settings.batch_size, within=agent_settings.batch_within_s):
             records = [source_record(event.message) for event in events]
-            await loop.run_in_executor(executor, svc.handle, records)
+            # One more reference per message: take_events' own ack after this body then does
+            # not make the offsets committable; the store writer's on_durable does.
+            for event in events:
+                event.message.incref()
+            await loop.run_in_executor(executor, svc.handle, records, functools.partial(_ack_later, loop, events))
 
     @app.page("/sparql")
     async def sparql(web: Any, request: Any) -> Any:

@@ -33,6 +33,7 @@ STAGES = (
     "dicom",  # a DICOM file that is broken or does not match the event
     "nifti",  # a segmentation or density map that cannot be read or measured
     "shacl",  # the RDF graph violates the shapes
+    "rdf",  # the RDF graph holds an IRI the store cannot take
     "internal",  # a bug: the normalizer failed on this record
 )
 

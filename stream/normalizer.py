@@ -25,6 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from schemas import ContractError, EventValidationError, normalize_event, parse_time
 from stream.deadletter import DeadLetter, Issue
 from stream.fhir import FhirError, is_fhir, observation_to_event
@@ -104,6 +106,7 @@ class Observation:
     graph: EventGraph
     source: SourceRecord
     value: bytes = b""  # JSON-LD, filled once the batch passed SHACL
+    nquads: str = ""  # what the RDF store loads, filled with value
     headers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -164,7 +167,18 @@ class Normalizer:
                 "(pixels travel by claim check, never in the event)",
             )
         try:
-            document = json.loads(value)
+            document = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            # orjson reads strict JSON only: the standard parser gives its messages (and takes
+            # what it also accepts, NaN and huge integers, which the contract then refuses).
+            document = self._parse_lenient(record, value)
+            if isinstance(document, DeadLetter):
+                return document
+        return self._prepare_document(record, document, now)
+
+    def _parse_lenient(self, record: SourceRecord, value: bytes) -> Any:
+        try:
+            return json.loads(value)
         except UnicodeDecodeError as exc:
             return self._dead(record, "parse", f"the value is not UTF-8 text (byte {exc.start}): an event is UTF-8 JSON")
         except json.JSONDecodeError as exc:
@@ -172,6 +186,7 @@ class Normalizer:
         except RecursionError:
             return self._dead(record, "parse", "not valid JSON: nested too deeply")
 
+    def _prepare_document(self, record: SourceRecord, document: Any, now: datetime) -> Observation | DeadLetter:
         topic_kind = self.topics.kind_of(record.topic)
         if is_fhir(document):
             if topic_kind not in FHIR_TOPIC_KINDS:
@@ -279,6 +294,14 @@ class Normalizer:
                         issues=tuple(Issue(f"{v.focus} {v.path}".strip(), v.message) for v in violations[:20]),
                         document={"event_id": observation.event_id, "kind": observation.kind},
                     )
+                )
+                continue
+            try:
+                observation.nquads = observation.graph.nquads()
+            except ValueError as exc:
+                result.dead_letters.append(
+                    self._dead(observation.source, "rdf", f"the event's RDF cannot be stored: {exc}",
+                               document={"event_id": observation.event_id, "kind": observation.kind})
                 )
                 continue
             observation.value = observation.graph.jsonld_bytes()

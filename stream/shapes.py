@@ -9,14 +9,17 @@ Two engines read the same shapes files:
   min/maxInclusive, min/maxExclusive, node, not, or) and refuses to compile a shapes file that
   uses anything else, so it is never silently laxer than the shapes say. Tests run it side by
   side with pyshacl on valid graphs and on thousands of mutated ones and require the same
-  verdicts and the same failing constraint components.
+  verdicts and the same failing constraint components. A graph is first put to a fast
+  conformance check (same verdict, no explanations: see "the fast conformance check" below);
+  only the graphs it does not accept go through the checks that word the violations.
 - ``pyshacl``: one pyshacl run over the union of a micro-batch of graphs; when the batch does
   not conform, each result is attributed to its event through its focus node, and only results
   that cannot be attributed trigger per-graph runs.
 
 Why not pyshacl alone: pyshacl evaluates every property shape separately for every focus node
 (about 70 µs each), which costs about 2 ms per event graph even in batches of 500; the
-compiled checks cost tens of µs. See bench/stream.py.
+compiled engine costs about 20 µs per conforming graph (about 100 µs for one it rejects). See
+bench/stream.py.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from importlib import resources
@@ -225,6 +228,10 @@ class _GraphIndex:
 Check = Callable[[_GraphIndex, Term, list[Term]], list[tuple[str, str]]]
 """(index, focus, value nodes) -> [(component, generic message)] for each failure."""
 
+TermTest = Callable[[Any, Term], bool]
+"""(index, value node) -> whether it passes, for the tests that look at the term alone (they
+ignore the index; the fast path calls them with None)."""
+
 
 @dataclass
 class _Shape:
@@ -233,6 +240,16 @@ class _Shape:
     checks: list[tuple[str, Check]]  # (component, check)
     message: str | None
     target_classes: tuple[str, ...] = ()
+    # The same constraints in structured form, for the fast conformance check (_FastGraph):
+    min_count: int = 0
+    max_count: int | None = None
+    term_tests: list[TermTest] = field(default_factory=list)  # datatype, nodeKind, in, pattern, lengths, ranges
+    has_values: list[Term] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    nodes: list[_Shape] = field(default_factory=list)
+    nots: list[_Shape] = field(default_factory=list)
+    ors: list[list[_Shape]] = field(default_factory=list)
+    properties: list[_Shape] = field(default_factory=list)
 
     def value_nodes(self, index: _GraphIndex, focus: Term) -> list[Term]:
         if self.path is None:
@@ -280,6 +297,7 @@ class CompiledShapes:
         self.targeted = [s for s in self._shapes.values() if s.target_classes]
         if not self.targeted:
             raise UnsupportedShapes("the shapes target nothing (no sh:targetClass)")
+        self._fast = _FastShapes(self._shapes, self.targeted)
 
     # -- compilation ---------------------------------------------------------------------
 
@@ -319,35 +337,43 @@ class CompiledShapes:
             n = int(value)
             if path is None:
                 raise UnsupportedShapes(f"{key}: sh:minCount on a node shape")
+            compiled.min_count = n
             checks.append(("sh:MinCountConstraintComponent", _min_count(n, path)))
         value = one("maxCount")
         if value is not None:
             n = int(value)
             if path is None:
                 raise UnsupportedShapes(f"{key}: sh:maxCount on a node shape")
+            compiled.max_count = n
             checks.append(("sh:MaxCountConstraintComponent", _max_count(n, path)))
+
+        def term_test(component: str, test: TermTest, message: str) -> None:
+            compiled.term_tests.append(test)
+            checks.append((component, _each(test, message)))
+
         for value in g.objects(shape, U(SH + "datatype")):
-            checks.append(("sh:DatatypeConstraintComponent", _each(_datatype(str(value)), f"Value is not Literal with datatype {compact(str(value))}")))
+            term_test("sh:DatatypeConstraintComponent", _datatype(str(value)), f"Value is not Literal with datatype {compact(str(value))}")
         for value in g.objects(shape, U(SH + "nodeKind")):
-            checks.append(("sh:NodeKindConstraintComponent", _each(_node_kind(str(value)), f"Value is not of node kind {compact(str(value))}")))
+            term_test("sh:NodeKindConstraintComponent", _node_kind(str(value)), f"Value is not of node kind {compact(str(value))}")
         for value in g.objects(shape, U(SH + "class")):
             cls = str(value)
+            compiled.classes.append(cls)
             checks.append(("sh:ClassConstraintComponent", _class(cls)))
         for value in g.objects(shape, U(SH + "in")):
             allowed = {_rdflib_term(m) for m in self._collection(g, value)}
-            checks.append(("sh:InConstraintComponent", _each(lambda _i, t, allowed=allowed: t in allowed, "Value is not in the allowed list")))
+            # A blank node is in no list (and a ("bnode", Node) term is not hashable).
+            term_test("sh:InConstraintComponent", lambda _i, t, allowed=allowed: t[0] != "bnode" and t in allowed, "Value is not in the allowed list")
         for value in g.objects(shape, U(SH + "hasValue")):
             wanted = _rdflib_term(value)
+            compiled.has_values.append(wanted)
             checks.append(("sh:HasValueConstraintComponent", _has_value(wanted)))
         for value in g.objects(shape, U(SH + "pattern")):
             regex = re.compile(str(value))
-            checks.append(("sh:PatternConstraintComponent", _each(_pattern(regex), f"Value does not match pattern {str(value)!r}")))
+            term_test("sh:PatternConstraintComponent", _pattern(regex), f"Value does not match pattern {str(value)!r}")
         for name, test in (("minLength", lambda n, m: n >= m), ("maxLength", lambda n, m: n <= m)):
             for value in g.objects(shape, U(SH + name)):
                 limit = int(value)
-                checks.append(
-                    (f"sh:{name[0].upper()}{name[1:]}ConstraintComponent", _each(_length(limit, test), f"Value violates sh:{name} {limit}"))
-                )
+                term_test(f"sh:{name[0].upper()}{name[1:]}ConstraintComponent", _length(limit, test), f"Value violates sh:{name} {limit}")
         for name, ok in (
             ("minInclusive", lambda c: c >= 0),
             ("maxInclusive", lambda c: c <= 0),
@@ -358,17 +384,18 @@ class CompiledShapes:
                 bound = _number(_rdflib_term(value))
                 if bound is None:
                     raise UnsupportedShapes(f"{key}: sh:{name} {value} is not a number")
-                checks.append(
-                    (f"sh:{name[0].upper()}{name[1:]}ConstraintComponent", _each(_range(bound, ok), f"Value violates sh:{name} {value}"))
-                )
+                term_test(f"sh:{name[0].upper()}{name[1:]}ConstraintComponent", _range(bound, ok), f"Value violates sh:{name} {value}")
         for value in g.objects(shape, U(SH + "node")):
             target = self._compile(value)
+            compiled.nodes.append(target)
             checks.append(("sh:NodeConstraintComponent", _each(lambda i, t, s=target: _conforms(s, i, t), f"Value does not conform to shape {target.iri}")))
         for value in g.objects(shape, U(SH + "not")):
             target = self._compile(value)
+            compiled.nots.append(target)
             checks.append(("sh:NotConstraintComponent", _each(lambda i, t, s=target: not _conforms(s, i, t), "Value conforms to a shape it must not conform to")))
         for value in g.objects(shape, U(SH + "or")):
             options = [self._compile(m) for m in self._collection(g, value)]
+            compiled.ors.append(options)
             checks.append(
                 ("sh:OrConstraintComponent", _each(lambda i, t, opts=options: any(_conforms(s, i, t) for s in opts), "Value conforms to none of the sh:or shapes"))
             )
@@ -376,6 +403,7 @@ class CompiledShapes:
             prop = self._compile(value)
             if prop.path is None:
                 raise UnsupportedShapes(f"{key}: sh:property {value} has no sh:path")
+            compiled.properties.append(prop)
             checks.append(("sh:PropertyConstraintComponent", _property(prop)))
         return compiled
 
@@ -393,40 +421,53 @@ class CompiledShapes:
     # -- validation ----------------------------------------------------------------------
 
     def validate(self, graph: EventGraph) -> list[Violation]:
+        # Most graphs conform: decide that first with the fast check, which gives the same
+        # verdict as the checks below (tests compare them on valid and mutated graphs) at a
+        # fraction of the cost. Only a graph it rejects, or cannot decide, gets the reference
+        # checks, which say which constraints fail and why.
+        if self._fast.verdict(graph):  # True; not False (a violation) nor None (undecided)
+            return []
+        return self.violations(graph)
+
+    def violations(self, graph: EventGraph) -> list[Violation]:
+        """Every violation of the graph, by the reference checks (no fast path)."""
         index = _GraphIndex(graph)
         out: list[Violation] = []
         for node in index.nodes:
             if not node.types:
                 continue
-            classes = index.types(_term(node))
+            focus = _term(node)
+            classes = index.types(focus)
             for shape in self.targeted:
                 if any(c in classes for c in shape.target_classes):
-                    out.extend(_run(shape, index, _term(node), _describe_focus(node)))
+                    out.extend(_run(shape, index, focus))
         return list(dict.fromkeys(out))
 
 
-def _run(shape: _Shape, index: _GraphIndex, focus: Term, focus_text: str) -> list[Violation]:
+def _run(shape: _Shape, index: _GraphIndex, focus: Term) -> list[Violation]:
     """Violations of ``shape`` at ``focus`` (property shapes report their own path)."""
     values = shape.value_nodes(index, focus)
     out: list[Violation] = []
+    focus_text = None  # described when a violation is reported (most checks pass)
     for component, check in shape.checks:
         if component == "sh:PropertyConstraintComponent":
             out.extend(check(index, focus, values))  # type: ignore[arg-type]
             continue
         for generic in check(index, focus, values):
+            if focus_text is None:
+                focus_text = _describe_term(index, focus)
             path = "/".join(compact(p) for p in shape.path) if shape.path else ""
             out.append(Violation(focus_text, path, component, shape.message or generic[1], shape.iri))
     return out
 
 
 def _conforms(shape: _Shape, index: _GraphIndex, focus: Term) -> bool:
-    return not _run(shape, index, focus, "")
+    return not _run(shape, index, focus)
 
 
 def _property(prop: _Shape) -> Check:
     def check(index: _GraphIndex, focus: Term, _values: list[Term]) -> list[Any]:
-        text = _describe_term(index, focus)
-        return _run(prop, index, focus, text)
+        return _run(prop, index, focus)
 
     return check
 
@@ -531,6 +572,331 @@ def _describe_term(index: _GraphIndex, term: Term) -> str:
     if term[0] == "bnode":
         return _describe_focus(term[1])
     return term[1]
+
+
+# -- the fast conformance check -----------------------------------------------------------
+#
+# The checks above say which constraints fail and why; that needs terms, a graph index and a
+# description of every focus. Most graphs conform, though, and to say only *whether* a graph
+# conforms the fast check below works on the node tree's own values (no term tuples), looks
+# each node's properties up in one dict built per graph, memoizes the tests that depend on a
+# value alone (codes, units, statuses and feed names repeat from one event to the next) and
+# stops at the first failure. Its verdict must equal the reference checks' verdict exactly:
+# where it cannot decide cheaply (subclass statements in the graph, two nodes with one IRI, a
+# count above sh:maxCount, a value of an unexpected type) it raises _Undecided and the reference
+# checks decide. tests/ingest/test_ingest_shapes_speed_equivalence.py compares the two.
+
+
+class _Undecided(Exception):
+    """The fast check leaves this graph to the reference checks."""
+
+
+# Values of a node tree the fast check knows; anything else (a subclass of one of them, a float)
+# goes to the reference checks, which accept or refuse it as they always did.
+_VALUE_TYPES = frozenset({str, Iri, Lit, int, bool})
+_XSD_INTEGER = XSD + "integer"
+_XSD_BOOLEAN = XSD + "boolean"
+_SUBCLASS_OF = RDFS + "subClassOf"
+_MEMO_SIZE = 4096  # per test and kind of value; a full memo is cleared, not grown
+_MEMO_KEY_LENGTH = 256  # longer lexical forms are tested, not remembered
+_NO_PROPS: dict[str, list[Any]] = {}
+
+Props = dict[str, list[Any]]  # a node's values by predicate, in the tree's own representation
+FastCheck = Callable[["_FastGraph", Any, Props], bool]  # (graph, focus, focus's props) -> conforms
+
+
+class _FastGraph:
+    """One event graph as the fast check reads it: each node's values by predicate, nodes by IRI."""
+
+    __slots__ = ("by_iri", "props", "focus")
+
+    def __init__(self, graph: EventGraph) -> None:
+        by_iri: dict[str, Node] = {}
+        props: dict[int, Props] = {}  # by id(node): the nodes live as long as the graph
+        focus: list[Node] = []
+        stack = list(graph.resources)
+        while stack:
+            node = stack.pop()
+            if type(node) is not Node:
+                raise _Undecided
+            if id(node) in props:  # one node object reached twice
+                continue
+            if node.iri is not None and by_iri.setdefault(node.iri, node) is not node:
+                raise _Undecided  # two nodes of one IRI: the reference checks merge them
+            if type(node.types) is not tuple:
+                raise _Undecided  # types are looked up by tuple (see _FastShapes._by_types)
+            values: Props = {}
+            for predicate, value in node.props:
+                same = values.get(predicate)
+                if same is None:
+                    values[predicate] = [value]
+                else:
+                    same.append(value)
+                if type(value) is Node:
+                    stack.append(value)
+                elif type(value) not in _VALUE_TYPES:
+                    raise _Undecided
+            if _SUBCLASS_OF in values:
+                raise _Undecided  # rdfs:subClassOf in the data widens sh:class and the targets
+            props[id(node)] = values
+            if node.types:
+                focus.append(node)
+        self.by_iri = by_iri
+        self.props = props
+        self.focus = focus
+
+    def props_of(self, value: Any) -> Props:
+        """The values of a value node by predicate (none for a literal or an unknown IRI)."""
+        cls = type(value)
+        if cls is Node:
+            return self.props[id(value)]  # an IRI node is the only node of its IRI
+        if cls is Iri:
+            node = self.by_iri.get(value)
+            return self.props[id(node)] if node is not None else _NO_PROPS
+        return _NO_PROPS
+
+    def types_of(self, value: Any) -> tuple[str, ...] | None:
+        """rdf:type values of a value node (no rdfs:subClassOf in the graph), None for a literal."""
+        cls = type(value)
+        if cls is Node:
+            return value.types
+        if cls is Iri:
+            node = self.by_iri.get(value)
+            return node.types if node is not None else ()
+        return None
+
+    def follow(self, props: Props, path: tuple[str, ...]) -> list[Any]:
+        """Values along a sequence path, duplicates kept (at least as many as the reference's)."""
+        current = props.get(path[0], [])
+        for predicate in path[1:]:
+            nxt: list[Any] = []
+            for value in current:
+                nxt.extend(self.props_of(value).get(predicate, ()))
+            current = nxt
+        return current
+
+
+def _memoized(test: Callable[[Term], bool]) -> Callable[[Any], bool]:
+    """``test(_term(value))`` for a value of the node tree, memoized by lexical form; the memo is
+    keyed by kind of value (an Iri is equal to the str of its text, True to 1)."""
+    strs: dict[str, bool] = {}
+    iris: dict[str, bool] = {}
+    ints: dict[int, bool] = {}
+    lits: dict[str, dict[str, bool]] = {}  # by datatype, then lexical form
+    true, false = test(("lit", "true", _XSD_BOOLEAN)), test(("lit", "false", _XSD_BOOLEAN))
+
+    def remember(memo: dict[Any, bool], key: Any, term: Term) -> bool:
+        verdict = test(term)
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        if type(key) is int or len(key) <= _MEMO_KEY_LENGTH:
+            memo[key] = verdict
+        return verdict
+
+    def memoized(value: Any) -> bool:
+        cls = type(value)
+        if cls is str:
+            verdict = strs.get(value)
+            return remember(strs, value, ("lit", value, None)) if verdict is None else verdict
+        if cls is Lit:
+            datatype = value.datatype
+            memo = lits.get(datatype)
+            if memo is None:
+                if len(lits) >= 8:  # a property has a datatype or two
+                    lits.clear()
+                memo = lits[datatype] = {}
+            verdict = memo.get(value.lex)
+            if verdict is None:
+                verdict = remember(memo, value.lex, ("lit", value.lex, None if datatype == XSD_STRING else datatype))
+            return verdict
+        if cls is Iri or cls is Node and value.iri is not None:
+            key = value if cls is Iri else value.iri  # an Iri is a key equal to its text
+            verdict = iris.get(key)
+            return remember(iris, key, ("iri", key)) if verdict is None else verdict
+        if cls is int:
+            verdict = ints.get(value)
+            return remember(ints, value, ("lit", str(value), _XSD_INTEGER)) if verdict is None else verdict
+        if cls is bool:
+            return true if value else false
+        return test(("bnode", value))  # a blank node (the tree holds nothing else, see _FastGraph)
+
+    return memoized
+
+
+def _all(tests: list[TermTest]) -> Callable[[Term], bool]:
+    if len(tests) == 1:
+        only = tests[0]
+        return lambda term: only(None, term)
+    return lambda term: all(t(None, term) for t in tests)
+
+
+class _FastShapes:
+    """The fast conformance check of every shape, and the checks each class of focus gets."""
+
+    def __init__(self, shapes: Mapping[str, _Shape], targeted: list[_Shape]) -> None:
+        self._checks: dict[str, FastCheck] = {}
+        links: list[tuple[list[FastCheck], list[_Shape]]] = []
+        for shape in shapes.values():
+            self._checks[shape.iri] = self._build(shape, links)
+        # Shapes refer to each other (and may do so in a cycle): link them once all are built.
+        for checks, targets in links:
+            checks.extend(self._checks[t.iri] for t in targets)
+        # What a focus of a class is checked with. A node shape that only has property shapes
+        # (most of them) is checked by running those directly: one call less per property.
+        self._by_class: dict[str, list[FastCheck]] = {}
+        for shape in targeted:
+            if shape.path is None and shape.properties and _only_properties(shape):
+                at_focus = [self._checks[p.iri] for p in shape.properties]
+            else:
+                at_focus = [self._checks[shape.iri]]
+            for cls in shape.target_classes:
+                checks = self._by_class.setdefault(cls, [])
+                checks.extend(c for c in at_focus if c not in checks)
+        self._by_types: dict[tuple[str, ...], list[FastCheck]] = {}
+
+    def verdict(self, graph: EventGraph) -> bool | None:
+        """Whether the graph conforms, or None when the fast check leaves it to the reference."""
+        try:
+            fast = _FastGraph(graph)
+            for node in fast.focus:
+                checks = self._by_types.get(node.types)
+                if checks is None:
+                    checks = self._targeting(node.types)
+                props = fast.props[id(node)]
+                for check in checks:
+                    if not check(fast, node, props):
+                        return False
+        except _Undecided:
+            return None
+        return True
+
+    def _targeting(self, types: tuple[str, ...]) -> list[FastCheck]:
+        checks: list[FastCheck] = []
+        for cls in types:
+            checks.extend(c for c in self._by_class.get(cls, ()) if c not in checks)
+        if len(self._by_types) >= _MEMO_SIZE:
+            self._by_types.clear()
+        self._by_types[types] = checks
+        return checks
+
+    @staticmethod
+    def _build(shape: _Shape, links: list[tuple[list[FastCheck], list[_Shape]]]) -> FastCheck:
+        path = shape.path
+        if path is not None and RDF_TYPE in path:
+            # rdf:type values come from Node.types, not from the props: leave it to the reference.
+            def undecided(graph: _FastGraph, focus: Any, props: Props) -> bool:
+                raise _Undecided
+
+            return undecided
+        predicate = path[0] if path is not None and len(path) == 1 else None
+        low = shape.min_count
+        high = shape.max_count if shape.max_count is not None else math.inf
+        pure = _memoized(_all(shape.term_tests)) if shape.term_tests else None
+
+        def counted(values: Sequence[Any]) -> bool:
+            # ``values`` may hold a term twice (RDF graphs are sets): a count within the bounds
+            # is within them without the duplicates too, unless the least count is above 1.
+            count = len(values)
+            if count < low:
+                return False
+            if count > high or low > 1:
+                count = _distinct(values, predicate is not None)
+                return low <= count <= high
+            return True
+
+        if predicate is not None and _only_counts_and_terms(shape):
+            # The common case: one predicate, a count, tests of each value's term.
+            def simple(graph: _FastGraph, focus: Any, props: Props) -> bool:
+                values = props.get(predicate)
+                if values is None:
+                    return low == 0
+                if (len(values) > high or low > 1) and not counted(values):
+                    return False
+                if pure is not None:
+                    for value in values:
+                        if not pure(value):
+                            return False
+                return True
+
+            return simple
+
+        has_values = [_memoized(lambda term, w=w: term == w) for w in shape.has_values]
+        classes = tuple(shape.classes)
+        nodes: list[FastCheck] = []
+        nots: list[FastCheck] = []
+        ors: list[list[FastCheck]] = [[] for _ in shape.ors]
+        properties: list[FastCheck] = []
+        links += [(nodes, shape.nodes), (nots, shape.nots), (properties, shape.properties)]
+        links += list(zip(ors, shape.ors))
+
+        def check(graph: _FastGraph, focus: Any, props: Props) -> bool:
+            if predicate is not None:
+                values = props.get(predicate, ())
+            elif path is None:
+                values = (focus,)
+            else:
+                values = graph.follow(props, path)
+            if not counted(values):
+                return False
+            for value in values:
+                if pure is not None and not pure(value):
+                    return False
+                if classes:
+                    types = graph.types_of(value)
+                    if types is None:
+                        return False
+                    for cls in classes:
+                        if cls not in types:
+                            return False
+                if nodes or nots or ors:
+                    value_props = graph.props_of(value)
+                    for target in nodes:
+                        if not target(graph, value, value_props):
+                            return False
+                    for target in nots:
+                        if target(graph, value, value_props):
+                            return False
+                    for options in ors:
+                        for option in options:
+                            if option(graph, value, value_props):
+                                break
+                        else:
+                            return False
+            for has_value in has_values:
+                for value in values:
+                    if has_value(value):
+                        break
+                else:
+                    return False
+            # A property shape is checked at the focus of the shape that has it (see _property).
+            for prop in properties:
+                if not prop(graph, focus, props):
+                    return False
+            return True
+
+        return check
+
+
+def _only_counts_and_terms(shape: _Shape) -> bool:
+    return not (shape.has_values or shape.classes or shape.nodes or shape.nots or shape.ors or shape.properties)
+
+
+def _only_properties(shape: _Shape) -> bool:
+    return shape.min_count == 0 and shape.max_count is None and not (
+        shape.term_tests or shape.has_values or shape.classes or shape.nodes or shape.nots or shape.ors
+    )
+
+
+def _distinct(values: Sequence[Any], exact: bool) -> int:
+    """How many distinct terms ``values`` holds, as the reference counts them (from one node's
+    values; along a longer path the reference counts differently: leave that to it)."""
+    if not exact:
+        raise _Undecided
+    keys = set()
+    for value in values:
+        term = _term(value)
+        keys.add((term[0], id(term[1])) if term[0] == "bnode" else term)
+    return len(keys)
 
 
 # -- the pyshacl engine -------------------------------------------------------------------

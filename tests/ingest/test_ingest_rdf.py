@@ -38,8 +38,36 @@ def test_jsonld_is_isomorphic_to_the_validated_graph(cohort_events: list[dict]) 
         published = graph.jsonld_bytes()
         parsed = Graph().parse(data=published, format="json-ld")
         assert isomorphic(parsed, _graph(graph.triples())), event["kind"]
+        assert published == json.dumps(graph.jsonld(), separators=(",", ":"), ensure_ascii=False).encode()
         # The context is inline: a reader never fetches one.
         assert json.loads(published)["@context"] == CONTEXT
+
+
+def test_stored_nquads_are_isomorphic_to_the_validated_graph(cohort_events: list[dict]) -> None:
+    from rdflib import Dataset, URIRef
+
+    for event in _events(cohort_events):
+        graph = build_event_graph(normalize_event(event), SOURCE)
+        dataset = Dataset()
+        dataset.parse(data=graph.nquads(), format="nquads")
+        named = dataset.graph(URIRef(graph.graph_iri))
+        assert isomorphic(_graph(named), _graph(graph.triples())), event["kind"]
+
+
+def test_nquads_escape_literals_and_refuse_iris_they_cannot_carry() -> None:
+    from rdflib import Dataset, Literal
+
+    from stream.rdf import EventGraph, Iri, Node
+
+    text = 'a "quoted" back\\slash\nnew line\r'
+    node = Node("https://example.org/r/1", (), [("https://example.org/p", text)])
+    dataset = Dataset()
+    dataset.parse(data=EventGraph("0" * 8, "PSN-1", "lab", [node]).nquads(), format="nquads")
+    assert [o for _, _, o, _ in dataset.quads()] == [Literal(text)]
+    for bad in ("https://example.org/a b", "https://example.org/<x>", "no-scheme"):
+        broken = Node("https://example.org/r/1", (), [("https://example.org/p", Iri(bad))])
+        with pytest.raises(ValueError, match="IRI"):
+            EventGraph("0" * 8, "PSN-1", "lab", [broken]).nquads()
 
 
 def _expected_code(event: dict) -> str:

@@ -1,0 +1,90 @@
+"""NormalizerService on the real broker and an on-disk store: a batch is reported durable only
+once its graphs are stored and marked, storing overlaps the next batch, a duplicate of an event
+still being stored is caught, and a failing store stops the service rather than losing data."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from ingest_support import module_settings
+
+from schemas import example
+from stream import KafkaSettings, Topics, ensure_topics, read_all
+from stream.agents import NormalizerService
+from stream.normalizer import Normalizer, NormalizerSettings, SourceRecord
+from stream.rdfstore import RdfStore
+
+pytestmark = pytest.mark.integration
+
+
+class GatedStore(RdfStore):
+    """A real store whose background writes wait for the test to open a gate."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.fail = False
+
+    def write(self, events):  # type: ignore[no-untyped-def]
+        assert self.gate.wait(30)
+        if self.fail:
+            raise OSError("disk full")
+        return super().write(events)
+
+
+def _records(topics: Topics, ids: list[str]) -> list[SourceRecord]:
+    out = []
+    for offset, event_id in enumerate(ids):
+        event = example("lab")
+        event["event_id"] = event_id
+        out.append(SourceRecord(topics.lab, 0, offset, event["patient_id"], json.dumps(event).encode()))
+    return out
+
+
+@pytest.fixture
+def service(local_kafka: KafkaSettings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    kafka = module_settings(local_kafka, partitions=1)
+    topics = Topics.from_settings(kafka)
+    ensure_topics(kafka, topics, partitions=1)
+    store = GatedStore(tmp_path / "rdf")
+    svc = NormalizerService(kafka, Normalizer(NormalizerSettings(imaging_root=tmp_path), topics), store)
+    yield svc, store, kafka, topics
+    store.gate.set()
+    svc.close()
+
+
+def _id(i: int) -> str:
+    return f"00000000-0000-4000-8000-{i:012d}"
+
+
+def test_a_batch_is_durable_only_once_stored_and_duplicates_in_flight_are_caught(service) -> None:  # type: ignore[no-untyped-def]
+    svc, store, kafka, topics = service
+    durable: list[int] = []
+    first = svc.handle(_records(topics, [_id(1), _id(2)]), lambda: durable.append(1))
+    assert len(first.observations) == 2
+    assert durable == [] and not store.contains_event(_id(1))  # published, not yet stored
+    # The next batch is handled while the first waits for the store; its copy of event 2 is
+    # recognised although the store does not hold it yet.
+    second = svc.handle(_records(topics, [_id(2), _id(3)]), lambda: durable.append(2))
+    assert [eid for eid, _ in second.duplicates] == [_id(2)]
+    assert len(second.observations) == 1
+    store.gate.set()
+    svc.drain()
+    assert durable == [1, 2]
+    assert all(store.contains_event(_id(i)) for i in (1, 2, 3))
+    published = read_all(kafka, topics.observations, timeout=20, idle_timeout=1.0)
+    assert sorted(r.headers["event-id"] for r in published) == [_id(1), _id(2), _id(3)]
+
+
+def test_a_failing_store_stops_the_service_and_the_batch_is_never_durable(service) -> None:  # type: ignore[no-untyped-def]
+    svc, store, _kafka, topics = service
+    durable: list[int] = []
+    svc.handle(_records(topics, [_id(11)]), lambda: durable.append(1))
+    store.fail = True
+    store.gate.set()
+    with pytest.raises(OSError, match="disk full"):
+        svc.drain()
+    assert durable == [] and not store.contains_event(_id(11))
