@@ -30,8 +30,10 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import gc
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -124,7 +126,7 @@ class NormalizerService:
         store: RdfStore,
         *,
         retry_pause_s: float = 1.0,
-        max_unstored: int = 2,
+        max_unstored: int = 4,
     ) -> None:
         self.kafka = kafka
         self.topics = normalizer.topics
@@ -135,7 +137,7 @@ class NormalizerService:
         self.max_unstored = max(1, max_unstored)
         self._producer = EventProducer(kafka)
         self._lock = threading.Lock()
-        self._store_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdf-store")
+        self._store_writer = StoreWriter(self._store)
         self._unstored: collections.deque[concurrent.futures.Future[None]] = collections.deque()
         self._unmarked: set[str] = set()
         self._unmarked_lock = threading.Lock()
@@ -153,7 +155,7 @@ class NormalizerService:
                 self._unmarked.update(eid for eid, _ in graphs)
             while len(self._unstored) >= self.max_unstored:
                 self._unstored.popleft().result()
-            self._unstored.append(self._store_writer.submit(self._store, graphs, on_durable))
+            self._unstored.append(self._store_writer.submit(graphs, on_durable))
             self.counters.add(result, len(records))
             for dead in result.dead_letters:
                 log.warning(
@@ -170,15 +172,12 @@ class NormalizerService:
                 return True
         return self.store.contains_event(event_id)
 
-    def _store(self, graphs: list[tuple[str, str]], on_durable: Callable[[], None] | None) -> None:
-        # Marked only after the batch was published (handle publishes first): a crash before
-        # the marks republishes the batch rather than losing it.
-        written = self.store.write(graphs)
-        self.store.mark(written)
+    def _store(self, graphs: list[tuple[str, str]]) -> None:
+        # Marked only after the batches were published (handle publishes first): a crash
+        # before the marks republishes them rather than losing them.
+        self.store.mark(self.store.write(graphs))
         with self._unmarked_lock:
             self._unmarked.difference_update(eid for eid, _ in graphs)
-        if on_durable is not None:
-            on_durable()
 
     def _check_store(self) -> None:
         while self._unstored and self._unstored[0].done():
@@ -225,8 +224,69 @@ class NormalizerService:
                 self._producer.close(10)
             except DeliveryError as exc:
                 log.error("records not delivered at shutdown: %s", exc)
-            self._store_writer.shutdown(wait=True)
+            self._store_writer.close()
             self.store.flush()
+
+
+@dataclass
+class _StoreJob:
+    graphs: list[tuple[str, str]]
+    on_durable: Callable[[], None] | None
+    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+class StoreWriter:
+    """One thread that stores batches in the order given. Batches that queued up while it was
+    busy are stored in one call: Oxigraph's bulk load costs about a fifth less per event in runs
+    of 1000 than of 500."""
+
+    def __init__(self, store: Callable[[list[tuple[str, str]]], None], max_events: int = 5000) -> None:
+        self._store = store
+        self.max_events = max_events
+        self._queue: queue.SimpleQueue[_StoreJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="rdf-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, graphs: list[tuple[str, str]], on_durable: Callable[[], None] | None) -> concurrent.futures.Future[None]:
+        job = _StoreJob(graphs, on_durable)
+        self._queue.put(job)
+        return job.done
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            events = len(first.graphs)
+            while events < self.max_events:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+                events += len(job.graphs)
+            try:
+                self._store([g for job in jobs for g in job.graphs])
+            except BaseException as exc:  # noqa: BLE001  (handed to the batches' futures: handle re-raises)
+                for job in jobs:
+                    job.done.set_exception(exc)
+                continue
+            for job in jobs:
+                if job.on_durable is not None:
+                    try:
+                        job.on_durable()
+                    except Exception:  # noqa: BLE001  (the batch is stored; it is read again if not acked)
+                        log.exception("reporting a stored batch failed")
+                job.done.set_result(None)
 
 
 def _ack_later(loop: asyncio.AbstractEventLoop, events: Sequence[Any]) -> None:
@@ -308,6 +368,11 @@ def create_app(
     async def normalize(stream: Any) -> Any:
         loop = asyncio.get_running_loop()
         svc = await loop.run_in_executor(executor, service)
+        # Everything built so far (faust, the clients, the shapes, the term table) lives as
+        # long as the worker: frozen out of the cyclic collector, and with fewer young
+        # collections, a batch's short-lived graphs cost ~15 % less (bench.stream).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         async for events in stream.take_events(agent_settings.batch_size, within=agent_settings.batch_within_s):
             records = [source_record(event.message) for event in events]
             # One more reference per message: take_events' own ack after this body then does

@@ -120,8 +120,8 @@ class RdfStore:
     # -- seen-set ------------------------------------------------------------------------
 
     def contains_event(self, event_id: str) -> bool:
-        marker = self._store.quads_for_pattern(ox.NamedNode(EVENT_PREFIX + event_id), _STORED, _TRUE, _STORED_GRAPH)
-        return next(iter(marker), None) is not None
+        # A point lookup: a pattern scan costs 2-3x more and grows with the files bulk loads leave.
+        return ox.Quad(ox.NamedNode(EVENT_PREFIX + event_id), _STORED, _TRUE, _STORED_GRAPH) in self._store
 
     def event_ids(self) -> Iterable[str]:
         for quad in self._store.quads_for_pattern(None, _STORED, _TRUE, _STORED_GRAPH):

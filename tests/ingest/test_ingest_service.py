@@ -13,7 +13,7 @@ from ingest_support import module_settings
 
 from schemas import example
 from stream import KafkaSettings, Topics, ensure_topics, read_all
-from stream.agents import NormalizerService
+from stream.agents import NormalizerService, StoreWriter
 from stream.normalizer import Normalizer, NormalizerSettings, SourceRecord
 from stream.rdfstore import RdfStore
 
@@ -88,3 +88,26 @@ def test_a_failing_store_stops_the_service_and_the_batch_is_never_durable(servic
     with pytest.raises(OSError, match="disk full"):
         svc.drain()
     assert durable == [] and not store.contains_event(_id(11))
+
+
+def test_batches_that_queue_up_are_stored_together_and_reported_in_order() -> None:
+    calls: list[list[str]] = []
+    gate, busy = threading.Event(), threading.Event()
+
+    def store(graphs: list[tuple[str, str]]) -> None:
+        busy.set()
+        assert gate.wait(30)
+        calls.append([eid for eid, _ in graphs])
+
+    writer = StoreWriter(store)
+    order: list[str] = []
+    futures = [writer.submit([("e0", "")], lambda: order.append("b0"))]
+    assert busy.wait(30)  # the writer is storing the first batch when the others arrive
+    futures += [writer.submit([(f"e{i}", "")], lambda i=i: order.append(f"b{i}")) for i in range(1, 4)]
+    gate.set()
+    for f in futures:
+        f.result(30)
+    writer.close()
+    assert [e for call in calls for e in call] == ["e0", "e1", "e2", "e3"]
+    assert len(calls) == 2  # the first batch alone, the three that waited behind it together
+    assert order == ["b0", "b1", "b2", "b3"]
