@@ -7,8 +7,14 @@ copy (after a restart, a rebalance, a producer retry) is skipped.
 Writes are Oxigraph's bulk load of N-Quads (about twice as fast as a transactional load, and
 the GIL is released meanwhile) followed by one small transaction of marker quads
 (``<urn:uuid:ID> ot:stored true`` in the graph ``STORED_GRAPH``). Only a marker makes an event
-"seen": a crash inside a bulk load can leave part of a graph without its marker, and such a
-graph is cleared and written again when the event comes back.
+"seen": a crash inside a bulk load can leave part of a graph without its marker, and such
+graphs are cleared when the store is opened (the event is written again when it comes back;
+Oxigraph renames blank nodes on every load, so loading over a partial graph would duplicate
+them).
+
+"Is this event new?" is answered by an in-memory Bloom filter over the markers
+(``stream.seen``), built when the store opens: new events, the common case, never touch
+RocksDB; a "maybe" is confirmed by a point lookup of the marker.
 
 Oxigraph lets one process write a store directory; the running normalizer owns it and answers
 SPARQL for others over HTTP (``stream.agents``), while ``RdfStore.open`` serves tools when no
@@ -26,6 +32,7 @@ from typing import Any
 import pyoxigraph as ox
 
 from stream.rdf import EVENT_PREFIX, OT, PREFIXES, EventGraph
+from stream.seen import SeenFilter
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,19 @@ class RdfStore:
                 f"cannot open the RDF store at {self.path}: {exc} "
                 "(a running normalizer holds it: query it through its SPARQL endpoint instead)"
             ) from exc
+        self._seen = SeenFilter(self.event_ids())
+        self._written: set[str] = set()  # loaded by this process, not marked yet
+        self._clear_unmarked_graphs()
+
+    def _clear_unmarked_graphs(self) -> None:
+        cleared = 0
+        for graph in list(self._store.named_graphs()):
+            name = graph.value
+            if isinstance(graph, ox.NamedNode) and name.startswith(EVENT_PREFIX) and not self.contains_event(name[len(EVENT_PREFIX):]):
+                self._store.remove_graph(graph)
+                cleared += 1
+        if cleared:
+            log.warning("cleared %d event graph(s) left without a stored marker (a load cut short)", cleared)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -73,7 +93,8 @@ class RdfStore:
     def write(self, events: Sequence[tuple[str, str]]) -> list[str]:
         """Load the graphs of events not yet marked, without marking them; returns their ids.
 
-        A graph left without its marker (a bulk load cut short) is cleared first. A batch the
+        A graph this process loaded without marking it is cleared first (those an earlier
+        process left were cleared when the store opened). A batch the
         store refuses is retried event by event so that one bad graph does not keep the others
         out; the refused ones are logged and left out. Thread-safe: the normalizer runs it
         while its batch is being published, and marks the events once that is acknowledged.
@@ -82,30 +103,38 @@ class RdfStore:
         if not todo:
             return []
         for eid, _ in todo:
-            graph = ox.NamedNode(EVENT_PREFIX + eid)
-            if self._store.contains_named_graph(graph):
-                self._store.remove_graph(graph)
+            if eid in self._written:
+                self._remove_graph(eid)
         try:
             self._load("".join(text for _, text in todo))
+            self._written.update(eid for eid, _ in todo)
             return [eid for eid, _ in todo]
         except (SyntaxError, ValueError) as exc:
             log.error("the RDF store refused a batch (%s); loading its events one by one", exc)
+        for eid, _ in todo:  # the refused load may have written part of the batch
+            self._remove_graph(eid)
         written = []
         for eid, text in todo:
             try:
                 self._load(text)
                 written.append(eid)
+                self._written.add(eid)
             except (SyntaxError, ValueError) as one:
                 log.error("the RDF store refused the graph of event %s: %s", eid, one)
-                graph = ox.NamedNode(EVENT_PREFIX + eid)
-                if self._store.contains_named_graph(graph):
-                    self._store.remove_graph(graph)
+                self._remove_graph(eid)
         return written
+
+    def _remove_graph(self, event_id: str) -> None:
+        graph = ox.NamedNode(EVENT_PREFIX + event_id)
+        if self._store.contains_named_graph(graph):
+            self._store.remove_graph(graph)
 
     def mark(self, event_ids: Sequence[str]) -> None:
         """Mark events stored (one transaction): from now on they count as seen."""
         if event_ids:
             self._store.extend([ox.Quad(ox.NamedNode(EVENT_PREFIX + e), _STORED, _TRUE, _STORED_GRAPH) for e in event_ids])
+            self._seen.update(event_ids)
+            self._written.difference_update(event_ids)
 
     def _load(self, nquads: str) -> None:
         if self.path is None:
@@ -120,6 +149,8 @@ class RdfStore:
     # -- seen-set ------------------------------------------------------------------------
 
     def contains_event(self, event_id: str) -> bool:
+        if event_id not in self._seen:
+            return False
         # A point lookup: a pattern scan costs 2-3x more and grows with the files bulk loads leave.
         return ox.Quad(ox.NamedNode(EVENT_PREFIX + event_id), _STORED, _TRUE, _STORED_GRAPH) in self._store
 
