@@ -30,6 +30,7 @@ from .observations import (
     Observation,
     TreatmentEvent,
 )
+from .s3 import S3Backend, S3Error
 from .store import RetentionPolicy, StateStore, open_backend
 from .twin import PARAM_NAMES, PatientTwin, TwinConfig, advance, assimilate, init_twin
 from .virtual import typed_observations
@@ -47,6 +48,8 @@ __all__ = [
     "PatientReport",
     "PatientTwin",
     "RetentionPolicy",
+    "S3Backend",
+    "S3Error",
     "StateStore",
     "TreatmentEvent",
     "TwinConfig",

@@ -2,8 +2,8 @@
 kept as objects under keys in a backend addressed by URL.
 
 A backend only needs four operations, ``put_bytes / get_bytes / list / delete`` on string
-keys, so an S3-compatible bucket can replace the local directory without touching the rest
-(``file://`` directories and ``memory://`` are provided). Every object is one safetensors blob
+keys: ``file://`` directories, ``s3://`` buckets (``assimilation.s3``: AWS S3, MinIO, SeaweedFS;
+workers on several machines share twins through one) and ``memory://``. Every object is one safetensors blob
 whose header metadata carries the JSON description, so an object is written in one piece:
 ``FileBackend.put_bytes`` writes a temporary file beside the target and renames it over the
 target (atomic on POSIX), and an S3 PUT is atomic by nature. A reader never sees a partial
@@ -147,16 +147,21 @@ class MemoryBackend:
 
 
 def open_backend(url: str | Path) -> Backend:
-    """``file:///abs/dir`` (or a plain path) -> FileBackend; ``memory://`` -> MemoryBackend."""
+    """``file:///abs/dir`` (or a plain path) -> FileBackend; ``s3://bucket/prefix`` -> S3Backend
+    (see ``assimilation.s3`` for its options); ``memory://`` -> MemoryBackend."""
     text = str(url)
     parsed = urlparse(text)
     if parsed.scheme == "file":
         return FileBackend(unquote(parsed.netloc + parsed.path))
+    if parsed.scheme == "s3":
+        from .s3 import S3Backend  # noqa: PLC0415
+
+        return S3Backend.from_url(text)
     if parsed.scheme == "memory":
         return MemoryBackend()
     if parsed.scheme == "":
         return FileBackend(text)
-    raise ValueError(f"unsupported state store URL {text!r} (file:// or memory://)")
+    raise ValueError(f"unsupported state store URL {text!r} (file://, s3:// or memory://)")
 
 
 # --- encoding ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "ONCOTWIN_DEVICE": ("auto", "torch device for simulations: auto (cuda if present), cpu, cuda, cuda:1"),
     "ONCOTWIN_DTYPE": ("float32", "floating point type of ensembles: float32 or float64"),
     "ONCOTWIN_DATA_DIR": ("data", "root for generated cohorts, the RDF store and twin state"),
-    "ONCOTWIN_STATE_URL": ("", "twin state store URL (default: file under ONCOTWIN_DATA_DIR/state)"),
+    "ONCOTWIN_STATE_URL": ("", "twin state store URL: file://DIR, s3://BUCKET/PREFIX?endpoint=URL (credentials from AWS_*), memory:// (default: file under ONCOTWIN_DATA_DIR/state)"),
     "ONCOTWIN_IMAGING_ROOT": ("", "root under which imaging claim checks are resolved (default: ONCOTWIN_DATA_DIR)"),
     "ONCOTWIN_SEED": ("20261123", "seed for cohort generation in demos"),
     "ONCOTWIN_LOG_LEVEL": ("INFO", "logging level"),

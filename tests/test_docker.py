@@ -28,15 +28,18 @@ def test_compose_has_kraft_kafka_topics_normalizer_and_two_workers():
     assert services["worker"]["deploy"]["replicas"] == 2
     for name in ("topics", "normalizer", "worker"):
         assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
-    # the twins follow partitions from worker to worker through one shared state store
-    assert any(v.startswith("twin-state:") for v in services["worker"]["volumes"])
+    # the twins follow partitions from worker to worker (on any host) through one bucket
+    assert services["worker"]["environment"]["ONCOTWIN_STATE_URL"].startswith("s3://")
+    assert "endpoint=http://minio:9000" in services["worker"]["environment"]["ONCOTWIN_STATE_URL"]
+    assert any(v.startswith("twin-state:") for v in services["minio"]["volumes"])
+    assert set(services["worker"]["depends_on"]) == {"topics", "minio"}
     assert any(v.startswith("rdf-store:") for v in services["normalizer"]["volumes"])
 
 
 def test_every_service_command_is_a_real_cli_command():
     commands = set(get_command(app).commands)
     for name, service in _compose()["services"].items():
-        if "command" in service and name != "kafka":
+        if "command" in service and name not in ("kafka", "minio"):
             assert service["command"][0] in commands, f"{name}: {service['command']}"
 
 
