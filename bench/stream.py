@@ -5,6 +5,11 @@
 Uses KAFKA_BOOTSTRAP_SERVERS when set, else the embedded tansu broker. Prints a table, then
 as its last line one JSON object ({"bench": "stream", "raw_produce_per_s": ..., ...}).
 
+Besides rates, the faust stages report the CPU time per event of the worker process (all its
+threads) and of the embedded broker over the same interval (``*_cpu_us_per_event``, Linux): on a
+machine whose cores are all busy, rates follow CPU per event, and unlike rates it does not move
+when something else runs beside the bench.
+
 Stages run in order on a shared ``BenchContext`` and each returns a ``StageResult``; a new
 stage (faust pass-through, normalizer, end-to-end latency p50/p99) is one more function
 appended to ``STAGES`` that reads the topics the earlier stages filled.
@@ -161,10 +166,42 @@ def _bench_events(ctx: BenchContext) -> list[tuple[str, str, bytes, int]]:
     return out
 
 
+def _cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used so far; None off Linux."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _CpuMeter:
+    """CPU microseconds per event of the worker and of the embedded broker between two marks:
+    a figure that, unlike a rate, does not depend on what else runs on the machine."""
+
+    def __init__(self, ctx: BenchContext, process: Any) -> None:
+        self.pids = {"worker": process.pid, "broker": ctx.state.get("broker_pid")}
+        self.start: dict[str, float | None] = {}
+
+    def mark(self) -> None:
+        self.start = {k: _cpu_s(pid) for k, pid in self.pids.items()}
+
+    def per_event_us(self, events: int) -> dict[str, float]:
+        out = {}
+        for k, pid in self.pids.items():
+            end, start = _cpu_s(pid), self.start.get(k)
+            if end is not None and start is not None and events > 0:
+                out[k] = round((end - start) / events * 1e6, 1)
+        return out
+
+
 def _watch(ctx: BenchContext, topic: str, expected: int, process: Any, timeout: float = 300) -> tuple[float, float, float]:
     """(seconds to the first output record, seconds from first to last, start), reading the
     output topic from its beginning. (Counting by end offsets would be cheaper, but tansu's
-    high watermarks lag behind what is readable.)"""
+    high watermarks lag behind what is readable.) Leaves the CPU the worker and the broker
+    used per event over the same interval in ``ctx.state["cpu_us"]``."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: PLC0415
 
     consumer = Consumer(ctx.settings.consumer_config(f"bench-watch-{uuid.uuid4().hex[:6]}"))
@@ -173,7 +210,8 @@ def _watch(ctx: BenchContext, topic: str, expected: int, process: Any, timeout: 
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions])
         start = time.perf_counter()
         first = None
-        done = 0
+        done = at_first = 0
+        meter = _CpuMeter(ctx, process)
         deadline = start + timeout
         while time.perf_counter() < deadline:
             if process.poll() is not None:
@@ -182,9 +220,11 @@ def _watch(ctx: BenchContext, topic: str, expected: int, process: Any, timeout: 
             done += sum(1 for m in messages if m.error() is None)
             now = time.perf_counter()
             if done > 0 and first is None:
-                first = now
+                first, at_first = now, done
+                meter.mark()
             if done >= expected:
                 assert first is not None
+                ctx.state["cpu_us"] = meter.per_event_us(done - at_first)
                 return first - start, now - first, start
         raise RuntimeError(f"{topic}: only {done} of {expected} records within {timeout:.0f}s")
     finally:
@@ -248,6 +288,8 @@ def faust_passthrough(ctx: BenchContext) -> StageResult:
     process = _worker(ctx, ["-m", "bench.stream", "--worker", "passthrough"], env, "passthrough")
     join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process)
     ctx.extra["passthrough_start_s"] = round(join, 2)
+    for who, us in ctx.state.get("cpu_us", {}).items():
+        ctx.extra[f"passthrough_{who}_cpu_us_per_event"] = us
     return StageResult("faust_passthrough", ctx.events, seconds, sum(len(v) for _, _, v, _ in _bench_events(ctx)))
 
 
@@ -274,6 +316,8 @@ def normalizer(ctx: BenchContext) -> StageResult:
     ctx.state["normalizer"] = process
     join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process)
     ctx.extra["normalizer_start_s"] = round(join, 2)
+    for who, us in ctx.state.get("cpu_us", {}).items():
+        ctx.extra[f"normalizer_{who}_cpu_us_per_event"] = us
     ctx.extra["normalizer_dead_letters"] = _count(ctx, topics.deadletter)
     result = StageResult("normalizer", ctx.events, seconds, sum(len(v) for _, _, v, _ in _bench_events(ctx)))
     return result
@@ -403,6 +447,7 @@ def run(
             broker="embedded tansu" if broker is not None else settings.bootstrap_servers,
             events=events,
         )
+        ctx.state["broker_pid"] = broker.pid if broker is not None else None
         try:
             results = [stage(ctx) for stage in STAGES]
         finally:
