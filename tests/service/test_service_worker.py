@@ -287,3 +287,28 @@ def test_an_unacknowledged_flush_commits_nothing_and_the_batch_is_done_again(set
     assert final[pid] == reference[pid]
     applied = applied_ids(state_dir, pid)
     assert len(applied) == len(set(applied)) and set(applied) == cohort.event_ids(pid)
+
+
+def test_a_twin_follows_its_patient_to_a_new_worker_through_an_s3_bucket(settings, topics, cohort: Cohort,
+                                                                         reference, s3_endpoint):
+    """DESIGN §6: worker A (state in a bucket) takes the first half of the log and goes away;
+    worker B, a fresh process as far as state goes, resumes every twin from the bucket."""
+    url = f"s3://oncotwin-test/{uuid.uuid4().hex[:8]}/state?endpoint={s3_endpoint}"
+
+    def worker() -> Worker:
+        return Worker(settings, Engine(StateStore(url), ENGINE), topics, cohort.root, max_batch=8, poll_timeout=0.2)
+
+    half = len(cohort.records) // 2
+    publish(settings, topics, cohort.records[:half])
+    with worker() as a:
+        a.run_until_idle(idle_s=1.5, timeout=120)
+    publish(settings, topics, cohort.records[half:])
+    with worker() as b:
+        b.run_until_idle(idle_s=1.5, timeout=120)
+    assert a.summary.records == half and b.summary.records == len(cohort.records) - half
+    assert b.summary.skipped == 0
+    assert final_forecasts(forecasts(settings, topics)) == reference
+    store = StateStore(url)
+    for pid in cohort.patients:
+        applied = store.latest(pid).applied
+        assert len(applied) == len(set(applied)) and set(applied) == cohort.event_ids(pid)
