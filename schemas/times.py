@@ -6,6 +6,7 @@ instant depends on where it is read) is refused rather than guessed.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 
@@ -20,6 +21,19 @@ _DATETIME_RE = re.compile(DATETIME_PATTERN.removesuffix("$") + r"\Z")
 
 def parse_time(value: str) -> datetime:
     """Parse a wire timestamp into an aware datetime; raise ContractError otherwise."""
+    if type(value) is str:
+        # An event's times are parsed more than once (the contract's date-time format, then
+        # the normalizer); a datetime is immutable and only successes are cached.
+        return _parse_cached(value)
+    return _parse(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(value: str) -> datetime:
+    return _parse(value)
+
+
+def _parse(value: str) -> datetime:
     if not isinstance(value, str) or not _DATETIME_RE.match(value):
         raise ContractError(
             f"{value!r:.80} is not an ISO 8601 date-time with a zone offset "

@@ -144,7 +144,11 @@ def resolve(claim: Mapping[str, Any], field: str, config: ImagingConfig, *, url_
 
 
 def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    """``path == root or root in path.parents``, without building every parent: the parents
+    of a path are the prefixes of its parts, down to its anchor ("/") or, for a relative one,
+    to "." (no parts). A test holds the two to agreement."""
+    head = root.parts
+    return path.parts[: len(head)] == head and (bool(head) or not (path.drive or path.root))
 
 
 def _facts(claim: Mapping[str, Any], *, verified: bool) -> ClaimCheckFacts:
@@ -405,17 +409,21 @@ def measure_nifti(path: Path, digest: str, content: str, spacing_mm: tuple[float
 # -- an event's files -----------------------------------------------------------------------
 
 
+# What an event without claim checks yields (most events): frozen, so one instance serves all.
+_NO_FILES = FileFacts()
+
+
 def file_facts(event: Mapping[str, Any], config: ImagingConfig, now: datetime, occurred_at: datetime) -> FileFacts:
     """Resolve, verify and read every claim check of an imaging or surgery event."""
     body = event["body"]
     if event["kind"] == "treatment":
         claim = body.get("resection_mask_uri")
         if claim is None:
-            return FileFacts()
+            return _NO_FILES
         mask = resolve(claim, "body.resection_mask_uri", config, url_allowed=False)
         return FileFacts(resection_mask=mask.facts)
     if event["kind"] != "imaging":
-        return FileFacts()
+        return _NO_FILES
     spacing = tuple(float(v) for v in body["voxel_spacing_mm"])
     dicom_facts = seg_facts = density_facts = None
     volume = centroid = centroid_source = None

@@ -178,7 +178,17 @@ class Normalizer:
 
     def _parse_lenient(self, record: SourceRecord, value: bytes) -> Any:
         try:
-            return json.loads(value)
+            document = json.loads(value)
+            where = _lone_surrogate(document)
+            if where is not None:
+                # json accepts "\ud800" escapes that encode no character; nothing downstream
+                # (orjson, UTF-8 topics, the RDF store) can carry them.
+                return self._dead(
+                    record, "parse",
+                    f"{where}: a lone UTF-16 surrogate escape is not Unicode text (pair it or remove it)",
+                    issues=(Issue(where, "lone surrogate escape"),),
+                )
+            return document
         except UnicodeDecodeError as exc:
             return self._dead(record, "parse", f"the value is not UTF-8 text (byte {exc.start}): an event is UTF-8 JSON")
         except json.JSONDecodeError as exc:
@@ -298,13 +308,13 @@ class Normalizer:
                 continue
             try:
                 observation.nquads = observation.graph.nquads()
-            except ValueError as exc:
+                observation.value = observation.graph.jsonld_bytes()
+            except (ValueError, TypeError) as exc:  # what N-Quads or orjson cannot carry
                 result.dead_letters.append(
                     self._dead(observation.source, "rdf", f"the event's RDF cannot be stored: {exc}",
                                document={"event_id": observation.event_id, "kind": observation.kind})
                 )
                 continue
-            observation.value = observation.graph.jsonld_bytes()
             observation.headers = record_headers(
                 content_type=CONTENT_TYPE_JSONLD,
                 schema_version=observation.graph.primary.first("https://w3id.org/oncotwin/ns#schemaVersion") or "1.0",
@@ -321,6 +331,28 @@ class Normalizer:
             from stream.shapes import Violation  # noqa: PLC0415
 
             return [Violation(observation.graph.primary.iri or "", "", "internal", f"validator failed: {type(exc).__name__}")]
+
+
+def _lone_surrogate(value: Any, path: str = "$") -> str | None:
+    """The JSON path of the first key or string holding a lone surrogate, else None."""
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                bad = _lone_surrogate(key, f"{where} (a key)")
+                if bad is not None:
+                    return bad
+                stack.append((f"{where}.{key}", child))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", child) for i, child in reversed(list(enumerate(item))))
+    return None
 
 
 def normalize_record(record: SourceRecord, normalizer: Normalizer) -> Observation | DeadLetter:

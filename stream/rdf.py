@@ -245,9 +245,20 @@ def _jsonld_node(node: Node) -> dict[str, Any]:
         out["@id"] = node.iri
     if node.types:
         out["@type"] = [compact(t) for t in node.types]
+    compacted = _COMPACT_CACHE.get
     for predicate, value in node.props:
-        key = compact(predicate)
-        converted = _jsonld_value(value)
+        key = compacted(predicate) or compact(predicate)
+        # The common kinds of value inline, by exact type (Iri is a str, bool an int);
+        # anything else takes _jsonld_value, which says what it does with it.
+        cls = type(value)
+        if cls is str or cls is int or cls is bool:
+            converted = value
+        elif cls is Lit:
+            converted = {"@value": value.lex, "@type": compacted(value.datatype) or compact(value.datatype)}
+        elif cls is Iri:
+            converted = {"@id": compacted(value) or compact(value)}
+        else:
+            converted = _jsonld_value(value)
         existing = out.get(key)
         if existing is None:
             out[key] = converted
@@ -338,8 +349,9 @@ _XSD_INTEGER = XSD + "integer"
 
 
 def _nquads(resources: Sequence[Node], graph_iri: str, bnode_prefix: str) -> str:
-    graph = _nq_iri(graph_iri)
+    end = f" {_nq_iri(graph_iri)} .\n"  # every line ends in the graph
     type_ref = _nq_iri(RDF_TYPE)
+    checked = _IRI_OK.get  # IRIs seen before need no check (_nq_iri)
     lines: list[str] = []
     ids: dict[int, str] = {}
 
@@ -354,25 +366,42 @@ def _nquads(resources: Sequence[Node], graph_iri: str, bnode_prefix: str) -> str
         node = stack.pop()
         s = subject(node)
         for t in node.types:
-            lines.append(f"{s} {type_ref} {_nq_iri(t)} {graph} .\n")
+            lines.append(f"{s} {type_ref} {checked(t) or _nq_iri(t)}{end}")
         for predicate, value in node.props:
-            if isinstance(value, Node):
+            # The common kinds of value inline, by exact type (Iri is a str, bool an int);
+            # anything else takes _nq_object, which says what it does with it.
+            cls = type(value)
+            if cls is str:
+                o = f'"{value.translate(_LITERAL_ESCAPES)}"' if _NEEDS_ESCAPE.search(value) else f'"{value}"'
+            elif cls is Lit:
+                lex, datatype = value.lex, value.datatype
+                if _NEEDS_ESCAPE.search(lex):
+                    lex = lex.translate(_LITERAL_ESCAPES)
+                o = f'"{lex}"^^{checked(datatype) or _nq_iri(datatype)}' if datatype is not None else f'"{lex}"'
+            elif cls is Iri:
+                o = checked(value) or _nq_iri(value)
+            elif isinstance(value, Node):
                 o = subject(value)
                 stack.append(value)
-            elif isinstance(value, Iri):
-                o = _nq_iri(value)
-            elif isinstance(value, Lit):
-                o = _nq_literal(value.lex, value.datatype)
-            elif isinstance(value, bool):
-                o = _nq_literal("true" if value else "false", _XSD_BOOLEAN)
-            elif isinstance(value, int):
-                o = _nq_literal(str(value), _XSD_INTEGER)
-            elif isinstance(value, str):
-                o = _nq_literal(value)
             else:
-                raise TypeError(f"not an RDF value: {type(value).__name__}")
-            lines.append(f"{s} {_nq_iri(predicate)} {o} {graph} .\n")
+                o = _nq_object(value)
+            lines.append(f"{s} {checked(predicate) or _nq_iri(predicate)} {o}{end}")
     return "".join(lines)
+
+
+def _nq_object(value: Value) -> str:
+    """The N-Quads object of a value that is not a Node."""
+    if isinstance(value, Iri):
+        return _nq_iri(value)
+    if isinstance(value, Lit):
+        return _nq_literal(value.lex, value.datatype)
+    if isinstance(value, bool):
+        return _nq_literal("true" if value else "false", _XSD_BOOLEAN)
+    if isinstance(value, int):
+        return _nq_literal(str(value), _XSD_INTEGER)
+    if isinstance(value, str):
+        return _nq_literal(value)
+    raise TypeError(f"not an RDF value: {type(value).__name__}")
 
 
 # -- building from a normalized event -----------------------------------------------------
@@ -424,16 +453,18 @@ def unverified(claim: Mapping[str, Any] | None) -> ClaimCheckFacts | None:
     )
 
 
+# Predicates and constant values of the builders below, spelled once rather than concatenated
+# for every event.
+_QUANTITY_TYPES = (FHIR + "Quantity",)
+_FHIR_VALUE, _FHIR_UNIT, _FHIR_SYSTEM, _FHIR_CODE = FHIR + "value", FHIR + "unit", FHIR + "system", FHIR + "code"
+_UCUM_IRI = Iri(UCUM)
+
+
 def _quantity(value: float, unit: str) -> Node:
     return Node(
         None,
-        (FHIR + "Quantity",),
-        [
-            (FHIR + "value", double(value)),
-            (FHIR + "unit", unit),
-            (FHIR + "system", Iri(UCUM)),
-            (FHIR + "code", unit),
-        ],
+        _QUANTITY_TYPES,
+        [(_FHIR_VALUE, double(value)), (_FHIR_UNIT, unit), (_FHIR_SYSTEM, _UCUM_IRI), (_FHIR_CODE, unit)],
     )
 
 
@@ -448,18 +479,28 @@ def _claim_check(facts: ClaimCheckFacts) -> Node:
     return node
 
 
+_PROVENANCE = (
+    PROV + "wasDerivedFrom", OT + "eventKind", OT + "schemaVersion", OT + "feed",
+    OT + "sourceTopic", OT + "sourcePartition", OT + "sourceOffset",
+)
+
+
 def _provenance(node: Node, event: Mapping[str, Any], source: Provenance) -> None:
-    node.add(PROV + "wasDerivedFrom", Iri(event_iri(event["event_id"])))
-    node.add(OT + "eventKind", event["kind"])
-    node.add(OT + "schemaVersion", event["schema_version"])
-    node.add(OT + "feed", event["source"])
-    node.add(OT + "sourceTopic", source.topic)
-    node.add(OT + "sourcePartition", int(source.partition))
-    node.add(OT + "sourceOffset", int(source.offset))
+    derived = Iri(event_iri(event["event_id"]))
+    kind, version, feed, topic = event["kind"], event["schema_version"], event["source"], source.topic
+    pairs = zip(_PROVENANCE, (derived, kind, version, feed, topic, int(source.partition), int(source.offset)))
+    if kind is None or version is None or feed is None or topic is None:
+        node.props.extend((p, v) for p, v in pairs if v is not None)  # as Node.add: None adds nothing
+    else:
+        node.props.extend(pairs)
+
+
+_PATIENT_TYPES = (FHIR + "Patient",)
+_PSEUDONYM = OT + "pseudonym"
 
 
 def _patient(pseudonym: str) -> Node:
-    return Node(patient_iri(pseudonym), (FHIR + "Patient",), [(OT + "pseudonym", pseudonym)])
+    return Node(patient_iri(pseudonym), _PATIENT_TYPES, [(_PSEUDONYM, pseudonym)])
 
 
 def _reported(node: Node, quantity: Mapping[str, Any]) -> None:
@@ -577,6 +618,15 @@ def _imaging_graph(event: Mapping[str, Any], source: Provenance, facts: FileFact
 
 
 _TREATMENT_CLASS = {"radiotherapy": OT + "RadiotherapyFraction", "surgery": OT + "Surgery"}
+_MEDICATION_TYPES = (FHIR + "MedicationAdministration",)
+_PROCEDURE_TYPES = {kind: (FHIR + "Procedure", cls) for kind, cls in _TREATMENT_CLASS.items()}
+_FHIR_STATUS, _FHIR_CATEGORY, _FHIR_SUBJECT = FHIR + "status", FHIR + "category", FHIR + "subject"
+_FHIR_EFFECTIVE, _FHIR_PERFORMED = FHIR + "effectiveDateTime", FHIR + "performedDateTime"
+_FHIR_MEDICATION, _FHIR_DOSE, _FHIR_ROUTE, _FHIR_DOSAGE = (
+    FHIR + "medicationCodeableConcept", FHIR + "dose", FHIR + "route", FHIR + "dosage",
+)
+_OT_DRUG_NAME, _OT_DOSE, _OT_REPORTED, _OT_PLANNED = OT + "drugName", OT + "dose", OT + "reportedQuantity", OT + "planned"
+_OT_FRACTION_NUMBER, _OT_FRACTIONS_PLANNED, _OT_TARGET = OT + "fractionNumber", OT + "fractionsPlanned", OT + "target"
 
 
 def _treatment(event: Mapping[str, Any], source: Provenance, facts: FileFacts) -> Node:
@@ -586,36 +636,36 @@ def _treatment(event: Mapping[str, Any], source: Provenance, facts: FileFacts) -
     kind = body["type"]
     dose = body.get("dose")
     if kind == "chemotherapy":
-        node = Node(resource_iri("MedicationAdministration", eid), (FHIR + "MedicationAdministration",))
-        node.add(FHIR + "status", "in-progress" if planned else "completed")
-        node.add(FHIR + "category", Iri(body["term_iri"]))
+        node = Node(resource_iri("MedicationAdministration", eid), _MEDICATION_TYPES)
+        node.add(_FHIR_STATUS, "in-progress" if planned else "completed")
+        node.add(_FHIR_CATEGORY, Iri(body["term_iri"]))
         drug = body["drug"]
         if drug.get("rxnorm"):
-            node.add(FHIR + "medicationCodeableConcept", Iri(RXNORM + drug["rxnorm"]))
-        node.add(OT + "drugName", drug["name"])
-        node.add(FHIR + "subject", Iri(patient_iri(event["patient_id"])))
-        node.add(FHIR + "effectiveDateTime", date_time(event["occurred_at"]))
-        dosage = Node(None, (), [(FHIR + "dose", _quantity(float(dose["canonical_value"]), dose["canonical_unit"]))])
-        dosage.add(FHIR + "route", body.get("route"))
-        node.add(FHIR + "dosage", dosage)
+            node.add(_FHIR_MEDICATION, Iri(RXNORM + drug["rxnorm"]))
+        node.add(_OT_DRUG_NAME, drug["name"])
+        node.add(_FHIR_SUBJECT, Iri(patient_iri(event["patient_id"])))
+        node.add(_FHIR_EFFECTIVE, date_time(event["occurred_at"]))
+        dosage = Node(None, (), [(_FHIR_DOSE, _quantity(float(dose["canonical_value"]), dose["canonical_unit"]))])
+        dosage.add(_FHIR_ROUTE, body.get("route"))
+        node.add(_FHIR_DOSAGE, dosage)
     else:
-        node = Node(resource_iri("Procedure", eid), (FHIR + "Procedure", _TREATMENT_CLASS[kind]))
-        node.add(FHIR + "status", "preparation" if planned else "completed")
-        node.add(FHIR + "code", Iri(body["term_iri"]))
-        node.add(FHIR + "subject", Iri(patient_iri(event["patient_id"])))
-        node.add(FHIR + "performedDateTime", date_time(event["occurred_at"]))
+        node = Node(resource_iri("Procedure", eid), _PROCEDURE_TYPES[kind])
+        node.add(_FHIR_STATUS, "preparation" if planned else "completed")
+        node.add(_FHIR_CODE, Iri(body["term_iri"]))
+        node.add(_FHIR_SUBJECT, Iri(patient_iri(event["patient_id"])))
+        node.add(_FHIR_PERFORMED, date_time(event["occurred_at"]))
         if kind == "radiotherapy":
-            node.add(OT + "dose", _quantity(float(dose["canonical_value"]), dose["canonical_unit"]))
+            node.add(_OT_DOSE, _quantity(float(dose["canonical_value"]), dose["canonical_unit"]))
             if dose["unit"] != dose["canonical_unit"]:
-                node.add(OT + "reportedQuantity", _quantity(float(dose["value"]), dose["unit"]))
-            node.add(OT + "fractionNumber", body.get("fraction_number"))
-            node.add(OT + "fractionsPlanned", body.get("fractions_planned"))
-            node.add(OT + "target", body.get("target"))
+                node.add(_OT_REPORTED, _quantity(float(dose["value"]), dose["unit"]))
+            node.add(_OT_FRACTION_NUMBER, body.get("fraction_number"))
+            node.add(_OT_FRACTIONS_PLANNED, body.get("fractions_planned"))
+            node.add(_OT_TARGET, body.get("target"))
         else:
             node.add(OT + "extent", body.get("extent"))
             mask = facts.resection_mask or unverified(body.get("resection_mask_uri"))
             if mask is not None:
                 node.add(OT + "resectionMask", _claim_check(mask))
-    node.add(OT + "planned", planned)
+    node.add(_OT_PLANNED, planned)
     _provenance(node, event, source)
     return node

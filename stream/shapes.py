@@ -632,9 +632,10 @@ class _FastGraph:
                     values[predicate] = [value]
                 else:
                     same.append(value)
-                if type(value) is Node:
+                cls = type(value)
+                if cls is Node:
                     stack.append(value)
-                elif type(value) not in _VALUE_TYPES:
+                elif cls not in _VALUE_TYPES:
                     raise _Undecided
             if _SUBCLASS_OF in values:
                 raise _Undecided  # rdfs:subClassOf in the data widens sh:class and the targets
@@ -727,7 +728,14 @@ def _all(tests: list[TermTest]) -> Callable[[Term], bool]:
     if len(tests) == 1:
         only = tests[0]
         return lambda term: only(None, term)
-    return lambda term: all(t(None, term) for t in tests)
+
+    def every(term: Term) -> bool:
+        for test in tests:  # a loop rather than all(generator): runs once per new value
+            if not test(None, term):
+                return False
+        return True
+
+    return every
 
 
 class _FastShapes:

@@ -119,6 +119,25 @@ def test_malformed_and_empty_records() -> None:
     _dead(n, _record(None, "lab", raw=b""), "size", "no value")
 
 
+@pytest.mark.parametrize("where", ["body.method", "body.note-key"])
+def test_a_lone_surrogate_escape_is_dead_lettered_not_a_crash(where: str) -> None:
+    # Python's json accepts "\ud800" (no character); orjson, Kafka's UTF-8 and Oxigraph do not.
+    event = _with_id(example("lab"))
+    if where == "body.method":
+        event["body"]["method"] = "immuno\ud800assay"
+    else:
+        event["body"]["\udfff"] = "x"
+    raw = json.dumps(event).encode()  # ensure_ascii: the escape travels as text
+    assert b"\\ud800" in raw or b"\\udfff" in raw
+    good = _record(_with_id(example("ctdna")), offset=1)
+    result = _normalizer(None).process([_record(event, raw=raw), good])
+    assert len(result.observations) == 1 and len(result.dead_letters) == 1
+    dead = result.dead_letters[0]
+    assert dead.stage == "parse" and "lone UTF-16 surrogate" in dead.reason
+    assert dead.reason.startswith("$.body.method" if where == "body.method" else "$.body (a key)")
+    assert original_bytes(json.loads(dead.to_bytes())) == raw
+
+
 def test_schema_violation_names_the_field() -> None:
     event = example("lab")
     del event["body"]["value"]
