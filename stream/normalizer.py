@@ -306,21 +306,29 @@ class Normalizer:
                     )
                 )
                 continue
+            ids = {"event_id": observation.event_id, "kind": observation.kind}
             try:
                 observation.nquads = observation.graph.nquads()
                 observation.value = observation.graph.jsonld_bytes()
+                observation.headers = record_headers(
+                    content_type=CONTENT_TYPE_JSONLD,
+                    schema_version=observation.graph.primary.first("https://w3id.org/oncotwin/ns#schemaVersion") or "1.0",
+                    event_id=observation.event_id,
+                    kind=observation.kind,
+                )
             except (ValueError, TypeError) as exc:  # what N-Quads or orjson cannot carry
                 result.dead_letters.append(
-                    self._dead(observation.source, "rdf", f"the event's RDF cannot be stored: {exc}",
-                               document={"event_id": observation.event_id, "kind": observation.kind})
+                    self._dead(observation.source, "rdf", f"the event's RDF cannot be stored: {exc}", document=ids)
                 )
                 continue
-            observation.headers = record_headers(
-                content_type=CONTENT_TYPE_JSONLD,
-                schema_version=observation.graph.primary.first("https://w3id.org/oncotwin/ns#schemaVersion") or "1.0",
-                event_id=observation.event_id,
-                kind=observation.kind,
-            )
+            except Exception as exc:  # noqa: BLE001  (one record must never fail its batch)
+                log.exception("serializing event %s failed", observation.event_id)
+                result.dead_letters.append(
+                    self._dead(observation.source, "internal",
+                               f"the normalizer failed on this record ({type(exc).__name__}: {str(exc)[:200]}); please report it",
+                               document=ids)
+                )
+                continue
             result.observations.append(observation)
         return result
 
