@@ -275,7 +275,35 @@ class Normalizer:
     # -- per batch -----------------------------------------------------------------------
 
     def process(self, records: Sequence[SourceRecord], seen: Callable[[str], bool] | None = None) -> BatchResult:
-        """Normalize a micro-batch; ``seen(event_id)`` tells which events were published before."""
+        """Normalize a micro-batch; ``seen(event_id)`` tells which events were published before.
+
+        Never raises for what a record holds: each stage dead-letters its own failures, and a
+        failure none of them caught makes the batch go again record by record, so that only
+        the record it comes from is dead-lettered (a poison pill would otherwise fail its
+        batch at every redelivery)."""
+        try:
+            return self._process(records, seen)
+        except Exception:  # noqa: BLE001
+            log.exception("normalizing a batch of %d records failed; going again record by record", len(records))
+        result = BatchResult()
+        for record in records:
+            try:
+                one = self._process([record], seen)
+            except Exception as exc:  # noqa: BLE001
+                result.dead_letters.append(self._dead(
+                    record, "internal",
+                    f"the normalizer failed on this record ({type(exc).__name__}: {str(exc)[:200]}); please report it",
+                ))
+                continue
+            if one.observations and any(o.event_id == one.observations[0].event_id for o in result.observations):
+                result.duplicates.append((one.observations[0].event_id, record))  # twice in this batch
+                continue
+            result.observations.extend(one.observations)
+            result.dead_letters.extend(one.dead_letters)
+            result.duplicates.extend(one.duplicates)
+        return result
+
+    def _process(self, records: Sequence[SourceRecord], seen: Callable[[str], bool] | None) -> BatchResult:
         now = self.clock()
         result = BatchResult()
         pending: list[Observation] = []

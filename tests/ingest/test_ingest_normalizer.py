@@ -218,6 +218,23 @@ def test_a_bad_record_does_not_spoil_its_batch() -> None:
     assert len(result.observations) == 3 and len(result.dead_letters) == 1
 
 
+def test_a_failure_no_stage_catches_dead_letters_only_its_record() -> None:
+    records = [_record(_with_id(example(k)), offset=i) for i, k in enumerate(["lab", "ctdna", "treatment", "lab"])]
+    poison = json.loads(records[1].value)["event_id"]
+    again = records[2]  # the same event twice in the batch: still one observation
+
+    def seen(event_id: str) -> bool:
+        if event_id == poison:
+            raise RuntimeError("a bug that no stage expects")
+        return False
+
+    result = _normalizer(None).process([*records, again], seen=seen)
+    assert [o.event_id for o in result.observations] == [json.loads(records[i].value)["event_id"] for i in (0, 2, 3)]
+    assert [(d.stage, d.offset) for d in result.dead_letters] == [("internal", 1)]
+    assert "RuntimeError" in result.dead_letters[0].reason
+    assert [eid for eid, _ in result.duplicates] == [json.loads(again.value)["event_id"]]
+
+
 # -- imaging claim checks -------------------------------------------------------------------
 
 
