@@ -13,10 +13,28 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from models.grid import Grid
+from models.virtual_patient import CohortConfig
+
 from .filters.observations import ObsOperator, Observations
 from .filters.result import AnalysisResult
+from .twin import TwinConfig
 
-__all__ = ["Analyser", "TwinResult", "run_twin_experiment"]
+__all__ = ["PRESENTING_COHORT", "PRESENTING_TWIN", "Analyser", "TwinResult", "run_twin_experiment"]
+
+#: The virtual-patient design in which the twin can learn D (bench.identify, tests/twin): 32³
+#: voxels of 2.5 mm (the synthetic brain is ~72 mm across, as on 16³ × 5 mm), 200 days observed,
+#: and tumours that present: grown untreated from a 2-4 mm seed to 5-15 mL visible before the
+#: diagnostic study, so that their edge has the shape of their own natural history. With a
+#: freshly seeded blob at day 0 the twin does not learn D (its initial edge is a guess, and
+#: radiotherapy leaves the tumour faint at the later MRIs); on 5 mm voxels it learns less (the
+#: diffusion length sqrt(D/rho) ~ 1.4 mm is far below a voxel).
+PRESENTING_COHORT = CohortConfig(grid=Grid((32, 32, 32), (2.5, 2.5, 2.5)), observe_days=200.0,
+                                 truth_margin_days=100.0, seed_radius_mm=(2.0, 4.0),
+                                 presentation_volume_ml=(5.0, 15.0))
+
+#: The twin for it: members grown to the diagnostic study and analysed against its profile.
+PRESENTING_TWIN = TwinConfig(presentation=True)
 
 
 class Analyser(Protocol):

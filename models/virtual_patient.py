@@ -41,6 +41,14 @@ class CohortConfig:
     truth_margin_days: float = 180.0  # the truth continues this long after, to score forecasts
     seed_radius_mm: tuple[float, float] = (5.0, 9.0)
     seed_peak: float = 0.9
+    # Presentation: None starts day 0 from the seeded blob itself. A (low, high) range of visible
+    # volumes (mL) lets the seed grow untreated (natural history, same parameters and anatomy)
+    # until its visible volume reaches a value drawn uniformly from the range; that field is
+    # day 0, the diagnostic study. A tumour found this way has the travelling-front profile
+    # of its own D and rho (a saturated core and an infiltrative edge whose width scales with
+    # sqrt(D/rho), Swanson's two radii), which a freshly seeded blob does not have.
+    presentation_volume_ml: tuple[float, float] | None = None
+    presentation_max_days: float = 2000.0
     rt_start_days: tuple[int, int] = (14, 35)  # RT starts on a Monday in this window
     rt_fractions: int = 30
     rt_dose_gy: float = 2.0
@@ -193,6 +201,23 @@ def _seed_tumor(grid: Grid, tissue: torch.Tensor, config: CohortConfig, g: torch
     return (u * (tissue > 0)).to(torch.float32)
 
 
+def _present(u0: torch.Tensor, weight: torch.Tensor, params: TumorParams, grid: Grid, volume_ml: float,
+             config: CohortConfig) -> torch.Tensor:
+    """The untreated natural history of ``u0`` [X, Y, Z] up to the first day its visible volume
+    reaches ``volume_ml`` (whole days; at most ``config.presentation_max_days``, where it stops
+    whatever the volume). Returns the field [X, Y, Z] of that day."""
+    u, t, chunk = u0[None], 0.0, 10.0
+    voxel_ml = grid.voxel_volume_ml
+    while t < config.presentation_max_days:
+        days = [t + k for k in range(1, int(chunk) + 1)]
+        saved = simulate(u, weight, params, grid, t, days[-1], dt=config.dt_days, scheme="auto", save_at=days).saved
+        reached = (tumor_volume(saved[:, 0], voxel_ml) >= volume_ml).nonzero()
+        if len(reached):
+            return saved[int(reached[0]), 0]
+        u, t = saved[-1], days[-1]
+    return u[0]
+
+
 def generate_patient(index: int, seed: int, config: CohortConfig | None = None) -> VirtualPatient:
     """One virtual patient, deterministic for (index, seed)."""
     config = config or CohortConfig()
@@ -202,6 +227,12 @@ def generate_patient(index: int, seed: int, config: CohortConfig | None = None) 
     u0 = _seed_tumor(grid, tissue, config, g)
     drawn = config.prior.sample(1, g, dtype=torch.float64)
     params = {k: float(v[0]) for k, v in drawn.items()}
+    weight = diffusion_weight(tissue)[None].to(torch.float32)
+    if config.presentation_volume_ml is not None:
+        lo_v, hi_v = config.presentation_volume_ml
+        target = lo_v + (hi_v - lo_v) * float(torch.rand((), generator=g, dtype=torch.float64))
+        u0 = _present(u0, weight, tumor_params({k: v.to(torch.float32) for k, v in drawn.items()}), grid, target,
+                      config)
 
     lo, hi = config.rt_start_days
     rt_start = 7 * math.ceil((lo + (hi - lo) * float(torch.rand((), generator=g))) / 7)
@@ -214,7 +245,6 @@ def generate_patient(index: int, seed: int, config: CohortConfig | None = None) 
     monthly = [float(d) for d in range(0, int(end) + 1, 30)]
     save_at = sorted(set(daily) | set(mri_days) | set(lab_days))
 
-    weight = diffusion_weight(tissue)[None].to(torch.float32)
     result = simulate(
         u0[None],
         weight,

@@ -132,3 +132,31 @@ def test_concat_blocks_marks_non_spatial_observations():
     block = concat_blocks([a, b])
     assert block.HX.shape == (1, 2, 3) and block.y.shape == (1, 3)
     assert torch.isnan(block.locations[0, 2]).all() and not torch.isnan(block.locations[0, :2]).any()
+
+
+def test_profile_operator_averages_shells_around_the_study_centre():
+    # A radial field on a 12³ grid of 2 mm: every shell holds voxels at one distance band, the
+    # rows are averages (sum to 1), y is the shell mean of the study, HX that of E[clamp(u + e)].
+    from assimilation.operators import profile_operator, shell_weights
+
+    shape, h = (12, 12, 12), 2.0
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"), -1)
+    r = ((idx - 5.5) * h).norm(dim=-1)
+    u = torch.sigmoid((6.0 - r) / 1.5)
+    index = torch.arange(u.numel())[None]
+    values = u.flatten()[None]
+    W = shell_weights(index, values, shape, (h, h, h), 6, h, 0.05)
+    assert W.shape == (1, 6, u.numel())
+    nonempty = W.sum(-1) > 0
+    assert torch.allclose(W.sum(-1)[nonempty], torch.ones(()).double())
+    noise = NoiseModel()
+    block = profile_operator(u[None, None], index, values, (h, h, h), noise, n_shells=6)
+    assert block.HX.shape == (1, 1, 6) and block.y.shape == (1, 6)
+    expected = (W.float() @ values[0])[0]
+    assert torch.allclose(block.y[0], expected, atol=1e-6)
+    # Monotone profile: the shells' means fall from the centre outwards.
+    assert bool((block.y[0, nonempty[0]].diff() < 0).all())
+    # HX of the noiseless truth matches y up to the clamp's bias (below 0.02).
+    assert (block.HX[0, 0] - block.y[0]).abs().max() < 0.021
+    n = W[0].gt(0).sum(-1).float()
+    assert torch.allclose(block.r_var[0][nonempty[0]], (noise.density_sd ** 2 / n + noise.profile_sd ** 2)[nonempty[0]])

@@ -178,3 +178,29 @@ def test_a_twin_runs_on_segmentations_alone(events, first):
     twin, report = assimilate(twin, studies[1:3], ETKF())
     assert len(report.analyses) == 2 and all(r.n_used > 50 for r in report.analyses)
     assert float(twin.u.min()) >= 0.0 and float(twin.u.max()) <= 1.0
+
+
+def test_presentation_learns_from_the_diagnostic_study_and_is_reproducible():
+    # A presenting tumour (grown untreated to 5-15 mL) on a small grid: the presentation
+    # analysis narrows the log-D spread, keeps the parameters in bounds and the field in [0, 1],
+    # leaves the clock at the study, and gives the same twin twice.
+    from assimilation.experiment import PRESENTING_COHORT, PRESENTING_TWIN
+    from assimilation.twin import log_bounds
+    from models.grid import Grid
+    from models.virtual_patient import generate_patient
+    from twin_support import typed_observations
+
+    cohort = replace(PRESENTING_COHORT, grid=Grid((16, 16, 16), (5.0, 5.0, 5.0)), observe_days=10.0,
+                     truth_margin_days=1.0)
+    p = generate_patient(0, 7, cohort)
+    first = next(o for o in typed_observations(p) if isinstance(o, ImagingObservation))
+    prior = init_twin(p.pseudonym, first, 8, config=replace(PRESENTING_TWIN, presentation=False))
+    a = init_twin(p.pseudonym, first, 8, config=PRESENTING_TWIN)
+    b = init_twin(p.pseudonym, first, 8, config=PRESENTING_TWIN)
+    assert torch.equal(a.u, b.u) and torch.equal(a.log_params, b.log_params)
+    assert a.clock == prior.clock and a.applied == prior.applied
+    assert float(a.log_params[:, 0].std()) < 0.8 * float(prior.log_params[:, 0].std())
+    lo, hi = log_bounds(a.prior)
+    assert bool(((a.log_params >= lo) & (a.log_params <= hi)).all())
+    assert float(a.u.min()) >= 0.0 and float(a.u.max()) <= 1.0
+    assert float(a.u[:, ~a.brain].abs().sum()) == 0.0
