@@ -71,7 +71,7 @@ from confluent_kafka import TopicPartition
 from assimilation.engine import BatchResult, Engine, EngineConfig
 from assimilation.forecast import Forecast, forecast
 from assimilation.store import StateStore
-from assimilation.twin import PatientTwin
+from assimilation.twin import PatientTwin, TwinConfig
 from schemas import validate_forecast
 from schemas.times import format_time
 from stream.adapt import AdaptConfig, AdaptError, Unsupported, adapt, decode_record
@@ -101,6 +101,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "ONCOTWIN_ENSEMBLE_MEMBERS": ("32", "ensemble members per twin"),
     "ONCOTWIN_FORECAST_HORIZONS": ("30,60,90,180", "forecast horizons in days, comma separated"),
     "ONCOTWIN_FILTER": ("etkf", "global filter: etkf (deterministic) or enkf (perturbed observations)"),
+    "ONCOTWIN_TWIN_PRESENTATION": (
+        "off",
+        "on: a new twin grows its members untreated to the first study and learns D/rho from its edge "
+        "(for a diagnostic, pre-treatment first MRI; ~1-3 s per new patient at 32^3)",
+    ),
     "ONCOTWIN_ANATOMY_FALLBACK": (
         "anatomy.nii.gz",
         "tissue map looked up beside a study's volumes when its event carries none (off: no fallback)",
@@ -729,6 +734,7 @@ class WorkerSettings:
     health_stale_s: float = 60.0
     max_poll_interval_s: float = 900.0
     anatomy_fallback: str | None = "anatomy.nii.gz"
+    presentation: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -760,6 +766,7 @@ class WorkerSettings:
                 max_poll_interval_s=float(get("ONCOTWIN_WORKER_MAX_POLL_INTERVAL_S")),
                 anatomy_fallback=None if get("ONCOTWIN_ANATOMY_FALLBACK").lower() in ("off", "none")
                 else get("ONCOTWIN_ANATOMY_FALLBACK"),
+                presentation=_switch("ONCOTWIN_TWIN_PRESENTATION", get("ONCOTWIN_TWIN_PRESENTATION")),
             )
         except ValueError as exc:
             raise ValueError(f"invalid worker setting: {exc}") from exc
@@ -772,7 +779,17 @@ class WorkerSettings:
         if not self.horizons or any(not math.isfinite(h) or h <= 0 for h in self.horizons):
             raise ValueError(f"ONCOTWIN_FORECAST_HORIZONS must be positive days, not {self.horizons}")
         return EngineConfig(n_members=self.members, horizons=tuple(sorted(self.horizons)), filter=self.filter,
-                            device=self.device, dtype=getattr(torch, self.dtype))
+                            device=self.device, dtype=getattr(torch, self.dtype),
+                            twin=TwinConfig(presentation=self.presentation))
+
+
+def _switch(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no", ""):
+        return False
+    raise ValueError(f"{name} must be on or off, not {text!r}")
 
 
 def run_worker(
