@@ -59,12 +59,12 @@ def simulate(
     _generate(out, patients, settings.seed if seed is None else seed, grid, spacing, days)
 
 
-def _generate(out: Path, n: int, seed: int, grid: int, spacing: float, days: float):
+def _generate(out: Path, n: int, seed: int, grid: int, spacing: float, days: float, config=None):
     from models import Grid
     from models.virtual_patient import CohortConfig, generate_patient
     from stream.virtual_feed import write_cohort
 
-    config = CohortConfig(grid=Grid((grid, grid, grid), (spacing, spacing, spacing)), observe_days=days)
+    config = config or CohortConfig(grid=Grid((grid, grid, grid), (spacing, spacing, spacing)), observe_days=days)
     patients = []
     start = time.perf_counter()
     with console.status("") as status:
@@ -87,6 +87,10 @@ def demo(
     members: int = typer.Option(16, "--members", "-m", min=2, help="ensemble members per twin"),
     seed: int = typer.Option(None, help="cohort seed (default: ONCOTWIN_SEED)"),
     simulate_only: bool = typer.Option(False, "--simulate-only", help="only simulate the cohort and plot its truth"),
+    presentation: bool = typer.Option(
+        True, "--presentation/--no-presentation",
+        help="tumours grown untreated to the diagnostic MRI, twins started from that natural history "
+             "(--no-presentation: a seeded blob at day 0 and perturbed-study twins)"),
 ) -> None:
     """The main job: the whole service on this machine, scored against a virtual truth.
 
@@ -102,13 +106,17 @@ def demo(
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    from .demo import DemoConfig, cohort_config
+
+    config = DemoConfig(patients=patients, seed=seed, members=members, presentation=presentation)
     if simulate_only:
-        cohort, written = _generate(out / "cohort", patients, seed, 32, 3.0, 300.0)
+        c = cohort_config(config)
+        cohort, written = _generate(out / "cohort", patients, seed, c.grid.shape[0], c.grid.spacing[0], c.observe_days, c)
     else:
-        from .demo import DemoConfig, coverage, run_demo
+        from .demo import coverage, run_demo
         from .report import plot_forecast, plot_forecast_maps
 
-        cohort, finals, scores = run_demo(out, DemoConfig(patients=patients, seed=seed, members=members), console)
+        cohort, finals, scores = run_demo(out, config, console)
     figures = []
     for p in cohort:
         figures.append(plot_trajectories(p, report / f"{p.pseudonym}-truth.png"))

@@ -22,7 +22,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from assimilation import Engine, EngineConfig, StateStore, forecast
+from assimilation import Engine, EngineConfig, StateStore, TwinConfig, forecast
+from assimilation.experiment import PRESENTING_COHORT
 from models import Grid, VISIBLE_THRESHOLD
 from models.virtual_patient import CohortConfig, VirtualPatient, generate_patient
 from stream import Topics, ensure_broker, ensure_topics
@@ -46,6 +47,18 @@ class DemoConfig:
     max_batch: int = 256
     timeout_s: float = 900.0
     idle_s: float = 15.0  # stop after this long without new observations
+    # Tumours present as in a clinic (grown untreated to 5-15 mL before the diagnostic MRI) and
+    # the twins start from that natural history, learning D and rho from the tumour's edge.
+    presentation: bool = True
+
+
+def cohort_config(config: DemoConfig) -> CohortConfig:
+    """The virtual cohort of a demo run."""
+    base = CohortConfig(grid=Grid((config.grid,) * 3, (config.spacing_mm,) * 3), observe_days=config.observe_days)
+    if not config.presentation:
+        return base
+    return replace(base, seed_radius_mm=PRESENTING_COHORT.seed_radius_mm,
+                   presentation_volume_ml=PRESENTING_COHORT.presentation_volume_ml)
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console) -> tuple[list[Virt
     cohort_root, data_dir, state_dir = out / "cohort", out / "data", out / "state"
     for d in (cohort_root, data_dir, state_dir):
         d.mkdir(parents=True, exist_ok=True)
-    cohort_config = CohortConfig(grid=Grid((config.grid,) * 3, (config.spacing_mm,) * 3), observe_days=config.observe_days)
+    cohort = cohort_config(config)
 
     kafka, broker = ensure_broker(KafkaSettings.from_env())
     # A fresh topic prefix per run: a shared cluster keeps the topics of earlier demos.
@@ -145,7 +158,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console) -> tuple[list[Virt
         ensure_topics(kafka, topics)
         console.print(f"broker: {kafka.bootstrap_servers} ({'embedded' if broker else 'external'}), topics {topics.prefix}.*")
         with console.status("simulating virtual patients"):
-            patients = [generate_patient(i, config.seed, cohort_config) for i in range(config.patients)]
+            patients = [generate_patient(i, config.seed, cohort) for i in range(config.patients)]
             written = write_cohort(patients, cohort_root)
         events = read_events(written.events_path)
         console.print(f"cohort: {len(patients)} patients, {written.n_events} events in {written.events_path}")
@@ -156,7 +169,8 @@ def run_demo(out: Path, config: DemoConfig, console: Console) -> tuple[list[Virt
             console.print(f"[yellow]replay: {sent.rejected} rejected, {sent.failed} failed[/]")
         console.print(f"replayed {sent.sent} events onto {topics.prefix}.events.*")
 
-        engine = Engine(StateStore(state_dir.as_uri()), EngineConfig(n_members=config.members, horizons=HORIZONS))
+        engine = Engine(StateStore(state_dir.as_uri()), EngineConfig(
+            n_members=config.members, horizons=HORIZONS, twin=TwinConfig(presentation=config.presentation)))
         worker = Worker(kafka, engine, topics, cohort_root, group_id=f"{topics.prefix}-workers", max_batch=config.max_batch)
         expected = len(events)
         deadline = time.monotonic() + config.timeout_s
