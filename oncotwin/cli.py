@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,10 +40,31 @@ def _settings() -> Settings:
 @app.command("settings")
 def show_settings() -> None:
     """Show every setting, its effective value and what it does."""
-    table = Table("variable", "value", "meaning")
-    for row in _settings().as_table():
-        table.add_row(*row)
+    from stream.agents import ENV_VARS as AGENT_VARS
+    from stream.normalizer import ENV_VARS as NORMALIZER_VARS
+    from stream.settings import ENV_VARS as KAFKA_VARS
+    from stream.worker import ENV_VARS as WORKER_VARS
+
+    table = Table("for", "variable", "value", "meaning")
+    shown = set()
+    for name, value, meaning in _settings().as_table():
+        table.add_row("all", name, value, meaning)
+        shown.add(name)
+    for group, variables in (("kafka", KAFKA_VARS), ("normalizer", {**NORMALIZER_VARS, **AGENT_VARS}),
+                             ("worker", WORKER_VARS)):
+        table.add_section()
+        for name, (default, meaning) in variables.items():
+            if name not in shown:
+                table.add_row(group, name, _shown_value(name, os.environ.get(name, "") or default), meaning)
+                shown.add(name)
     console.print(table)
+
+
+def _shown_value(name: str, value: str) -> str:
+    """The value, unless the variable holds a secret."""
+    if value and any(word in name for word in ("PASSWORD", "SECRET", "TOKEN")):
+        return "*** (set)"
+    return value
 
 
 @app.command()

@@ -28,6 +28,23 @@ def test_settings_defaults_and_overrides(tmp_path):
     assert custom.imaging_root == tmp_path
 
 
+def test_settings_lists_every_part_and_hides_secrets(monkeypatch):
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "hunter2")
+    monkeypatch.setenv("ONCOTWIN_TWIN_PRESENTATION", "on")
+    import oncotwin.cli as cli
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "console", Console(width=300))  # one row per line
+    result = runner.invoke(app, ["settings"])
+    assert result.exit_code == 0, result.output
+    for name in ("ONCOTWIN_DEVICE", "KAFKA_BOOTSTRAP_SERVERS", "ONCOTWIN_NORMALIZER_BATCH", "ONCOTWIN_SHACL_ENGINE",
+                 "ONCOTWIN_ENSEMBLE_MEMBERS", "ONCOTWIN_TWIN_PRESENTATION"):
+        assert name in result.output
+    assert "hunter2" not in result.output and "*** (set)" in result.output
+    line = next(x for x in result.output.splitlines() if "ONCOTWIN_TWIN_PRESENTATION" in x)
+    assert " on " in line
+
+
 def test_bad_settings_are_reported_not_crashed(monkeypatch):
     monkeypatch.setenv("ONCOTWIN_DTYPE", "float16")
     result = runner.invoke(app, ["settings"])
