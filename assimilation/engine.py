@@ -161,9 +161,15 @@ class Engine:
 
     # --- one patient --------------------------------------------------------------------------
 
-    def _init(self, pid: str, anchor: ImagingObservation) -> PatientTwin:
+    def _init(self, pid: str, anchor: ImagingObservation, known: Sequence[ObservationBase] = ()) -> PatientTwin:
         cfg = self.config
-        return init_twin(pid, anchor, cfg.n_members, cfg.prior, config=cfg.twin, dtype=cfg.dtype,
+        twin_config = cfg.twin
+        # Presentation grows the members untreated up to the first study: only right when that
+        # study is a diagnostic one, i.e. no delivered treatment came before it.
+        if twin_config.presentation and any(isinstance(o, TreatmentEvent) and not o.planned and o.time < anchor.time
+                                            for o in known):
+            twin_config = replace(twin_config, presentation=False)
+        return init_twin(pid, anchor, cfg.n_members, cfg.prior, config=twin_config, dtype=cfg.dtype,
                          device=self.device, filter_version=self.filter_version)
 
     def _process_patient(self, pid: str,
@@ -182,7 +188,7 @@ class Engine:
                 waiting = {o.event_id for o in pending}
                 store.pending_put([o for o in batch if o.event_id not in waiting])
                 return None, PatientReport(pid, pending=tuple(o.event_id for o in pool))
-            twin = self._init(pid, anchor)
+            twin = self._init(pid, anchor, pool)
             store.journal_put([anchor])
             store.save(twin)
             batch = [o for o in pool if o.event_id != anchor.event_id]
@@ -237,9 +243,10 @@ class Engine:
 
     def _rebuild(self, pid: str, origin_event_id: str) -> PatientTwin:
         """The twin as first started, from the full first study kept in the journal."""
-        for o in self.store.journal(pid):
+        journal = self.store.journal(pid)
+        for o in journal:
             if o.event_id == origin_event_id and isinstance(o, ImagingObservation):
-                return self._init(pid, o)
+                return self._init(pid, o, journal)
         raise LookupError(f"the journal of {pid} lacks its first study {origin_event_id}")
 
     def _apply(self, twin: PatientTwin, todo: Sequence[ObservationBase]):

@@ -143,7 +143,8 @@ class TwinConfig:
                        marker_baseline belongs to it) and its canonical unit; other codes are
                        recorded, not analysed.
     presentation:      the first study shows an untreated tumour at diagnosis (its natural
-                       history has shaped its edge): ``init_twin`` grows every member from a
+                       history has shaped its edge; the engine drops it for a patient with a
+                       delivered treatment before that study): ``init_twin`` grows every member from a
                        small seed at the study's centre to the study's visible volume with the
                        member's own parameters, then analyses the parameters against the study's
                        profile and the grown fields against its voxels (``present``).

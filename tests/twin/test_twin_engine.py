@@ -4,6 +4,7 @@ observations, and the snapshots it leaves behind."""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 
 import torch
 
@@ -132,3 +133,36 @@ def test_batching_patients_forecasts_them_as_one_at_a_time(patients):
         assert torch.allclose(a.burden_ml, b.burden_ml, rtol=1e-4, atol=1e-5)
         assert torch.allclose(a.marker, b.marker, rtol=1e-4)
         assert (a.volume_ml - b.volume_ml).abs().max() <= 0.25  # at most a couple of voxels
+
+
+def test_presentation_only_for_a_first_study_no_delivered_treatment_precedes():
+    # A presenting tumour on a small grid; the engine's twin config asks for presentation.
+    from assimilation.experiment import PRESENTING_COHORT, PRESENTING_TWIN
+    from assimilation.twin import init_twin
+    from models.grid import Grid
+    from models.virtual_patient import generate_patient
+    from twin_support import typed_observations
+
+    cohort = replace(PRESENTING_COHORT, grid=Grid((16, 16, 16), (5.0, 5.0, 5.0)), observe_days=60.0,
+                     truth_margin_days=1.0)
+    p = generate_patient(0, 7, cohort)
+    events = typed_observations(p)
+    first = next(o for o in events if isinstance(o, ImagingObservation))
+    rt = next(o for o in events if isinstance(o, TreatmentEvent) and not o.planned)
+    config = EngineConfig(n_members=8, twin=PRESENTING_TWIN)
+    presented = init_twin(p.pseudonym, first, 8, config=PRESENTING_TWIN)
+    plain = init_twin(p.pseudonym, first, 8, config=replace(PRESENTING_TWIN, presentation=False))
+    assert not torch.equal(presented.log_params, plain.log_params)
+
+    diagnostic = Engine(StateStore(MemoryBackend()), config)
+    diagnostic.process([first])
+    assert torch.equal(diagnostic.store.latest(p.pseudonym).log_params, presented.log_params)
+
+    # The same study after a radiotherapy fraction: the tumour did not grow untreated to it.
+    treated = Engine(StateStore(MemoryBackend()), config)
+    earlier = replace(rt, time=first.time - timedelta(days=3))
+    treated.process([earlier, first])
+    twin = treated.store.latest(p.pseudonym)
+    assert twin.origin_event_id == first.event_id and earlier.event_id in twin.applied
+    start = treated.store.load(treated.store.snapshots(p.pseudonym)[0][1])
+    assert torch.equal(start.log_params, plain.log_params)
