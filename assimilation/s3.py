@@ -88,7 +88,8 @@ class S3Backend:
         return f"S3Backend(s3://{self.bucket}/{self.prefix}{where})"
 
     def _fail(self, action: str, key: str, exc: Exception) -> S3Error:
-        return S3Error(f"S3 {action} of {key!r} in s3://{self.bucket}/{self.prefix}"
+        what = f" of {key!r}" if key else ""
+        return S3Error(f"S3 {action}{what} in s3://{self.bucket}/{self.prefix}"
                        f"{' at ' + self.endpoint_url if self.endpoint_url else ''} failed: {exc}")
 
     def _ensure_bucket(self) -> None:

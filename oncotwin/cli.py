@@ -77,16 +77,20 @@ def simulate(
     days: float = typer.Option(300.0, help="days of observations per patient"),
 ) -> None:
     """Generate a virtual cohort: truth, NIfTI images and a JSONL event log valid against schemas/."""
-    settings = _settings()
-    _generate(out, patients, settings.seed if seed is None else seed, grid, spacing, days)
-
-
-def _generate(out: Path, n: int, seed: int, grid: int, spacing: float, days: float, config=None):
     from models import Grid
-    from models.virtual_patient import CohortConfig, generate_patient
+    from models.virtual_patient import CohortConfig
+
+    settings = _settings()
+    config = CohortConfig(grid=Grid((grid, grid, grid), (spacing, spacing, spacing)), observe_days=days)
+    _generate(out, patients, settings.seed if seed is None else seed, config)
+
+
+def _generate(out: Path, n: int, seed: int, config):
+    """Simulate ``n`` virtual patients of cohort ``config`` and write them under ``out``."""
+    from models.virtual_patient import generate_patient
     from stream.virtual_feed import write_cohort
 
-    config = config or CohortConfig(grid=Grid((grid, grid, grid), (spacing, spacing, spacing)), observe_days=days)
+    grid, days = config.grid.shape[0], config.observe_days
     patients = []
     start = time.perf_counter()
     with console.status("") as status:
@@ -132,8 +136,7 @@ def demo(
 
     config = DemoConfig(patients=patients, seed=seed, members=members, presentation=presentation)
     if simulate_only:
-        c = cohort_config(config)
-        cohort, written = _generate(out / "cohort", patients, seed, c.grid.shape[0], c.grid.spacing[0], c.observe_days, c)
+        cohort, written = _generate(out / "cohort", patients, seed, cohort_config(config))
     else:
         from .demo import coverage, run_demo
         from .report import plot_forecast, plot_forecast_maps
