@@ -197,11 +197,20 @@ class _CpuMeter:
         return out
 
 
-def _watch(ctx: BenchContext, topic: str, expected: int, process: Any, timeout: float = 300) -> tuple[float, float, float]:
+def _watch(
+    ctx: BenchContext,
+    topic: str,
+    expected: int,
+    process: Any,
+    timeout: float = 300,
+    settled: Callable[[], bool] | None = None,
+) -> tuple[float, float, float]:
     """(seconds to the first output record, seconds from first to last, start), reading the
     output topic from its beginning. (Counting by end offsets would be cheaper, but tansu's
-    high watermarks lag behind what is readable.) Leaves the CPU the worker and the broker
-    used per event over the same interval in ``ctx.state["cpu_us"]``."""
+    high watermarks lag behind what is readable.) With ``settled``, the last moment is when it
+    first returns True after every record came (the work a worker does after publishing, such
+    as storing, counts). Leaves the CPU the worker and the broker used per event over the same
+    interval in ``ctx.state["cpu_us"]``."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: PLC0415
 
     consumer = Consumer(ctx.settings.consumer_config(f"bench-watch-{uuid.uuid4().hex[:6]}"))
@@ -224,6 +233,9 @@ def _watch(ctx: BenchContext, topic: str, expected: int, process: Any, timeout: 
                 meter.mark()
             if done >= expected:
                 assert first is not None
+                while settled is not None and not settled() and time.perf_counter() < deadline:
+                    time.sleep(0.005)
+                now = time.perf_counter()
                 ctx.state["cpu_us"] = meter.per_event_us(done - at_first)
                 return first - start, now - first, start
         raise RuntimeError(f"{topic}: only {done} of {expected} records within {timeout:.0f}s")
@@ -304,17 +316,28 @@ def normalizer(ctx: BenchContext) -> StageResult:
     ensure_topics(ctx.settings, topics, partitions=ctx.settings.topic_partitions)
     ctx.state["normalizer_topics"] = topics
     _produce_events(ctx, lambda topic: topic.replace(ctx.settings.topic_prefix, prefix, 1))
+    from stream.broker import free_port  # noqa: PLC0415
+
     data_dir = Path(tempfile.mkdtemp(prefix="oncotwin-bench-data-"))
+    port = free_port()
     env = {
         **_kafka_env(ctx, f"{prefix}-group"),
         "ONCOTWIN_TOPIC_PREFIX": prefix,
         "ONCOTWIN_IMAGING_ROOT": str(ctx.state["cohort_root"]),
         "ONCOTWIN_DATA_DIR": str(data_dir),
-        "ONCOTWIN_NORMALIZER_WEB_PORT": "0",
+        "ONCOTWIN_NORMALIZER_WEB_PORT": str(port),
     }
     process = _worker(ctx, ["-m", "stream.agents"], env, "normalizer")
     ctx.state["normalizer"] = process
-    join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process)
+
+    def stored() -> bool:
+        # Timed until the graphs are in the RDF store, not only published.
+        import urllib.request  # noqa: PLC0415
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/normalizer/stats", timeout=5) as response:
+            return int(json.loads(response.read())["stored"]) >= ctx.events
+
+    join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process, settled=stored)
     ctx.extra["normalizer_start_s"] = round(join, 2)
     for who, us in ctx.state.get("cpu_us", {}).items():
         ctx.extra[f"normalizer_{who}_cpu_us_per_event"] = us

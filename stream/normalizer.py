@@ -106,7 +106,7 @@ class Observation:
     graph: EventGraph
     source: SourceRecord
     value: bytes = b""  # JSON-LD, filled once the batch passed SHACL
-    nquads: str = ""  # what the RDF store loads, filled with value
+    ntriples: str = ""  # what the RDF store loads (EventGraph.ntriples), filled with value
     headers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -336,7 +336,7 @@ class Normalizer:
                 continue
             ids = {"event_id": observation.event_id, "kind": observation.kind}
             try:
-                observation.nquads = observation.graph.nquads()
+                observation.ntriples = observation.graph.ntriples()
                 observation.value = observation.graph.jsonld_bytes()
                 observation.headers = record_headers(
                     content_type=CONTENT_TYPE_JSONLD,

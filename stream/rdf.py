@@ -10,13 +10,14 @@ system and code) in the term's canonical unit; the value as reported, when it di
 beside it (``ot:reportedQuantity``).
 
 Every resource carries its provenance: ``prov:wasDerivedFrom <urn:uuid:EVENT_ID>`` (the event;
-also the name of the event's graph in the RDF store), the feed, the event kind and schema
-version, and the Kafka topic, partition and offset of the record it came from.
+also the name of the event's graph in N-Quads), the feed, the event kind and schema version,
+and the Kafka topic, partition and offset of the record it came from.
 
-A graph is held as a tree of ``Node``s (resources with nested blank nodes) and emitted three
-ways from that one tree: JSON-LD (published), rdflib triples (pyshacl and tests) and N-Quads
-(stored). A test parses the JSON-LD with rdflib and checks it is isomorphic to
-the triples, so the three cannot drift apart.
+A graph is held as a tree of ``Node``s (resources with nested blank nodes) and emitted from that
+one tree as JSON-LD (published), rdflib triples (pyshacl and tests), N-Quads (the event's named
+graph) and the RDF store's N-Triples (blank nodes skolemized, see ``EventGraph.ntriples``). A
+test parses the JSON-LD with rdflib and checks it is isomorphic to the triples, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ UCUM = "http://unitsofmeasure.org"
 RESOURCE_BASE = "https://w3id.org/oncotwin/fhir/"
 PATIENT_BASE = RESOURCE_BASE + "Patient/"
 EVENT_PREFIX = "urn:uuid:"
+# Skolem IRIs (RDF 1.1 §3.5) that stand for an event's blank nodes in the RDF store.
+GENID_BASE = "https://w3id.org/oncotwin/.well-known/genid/"
 
 XSD_DOUBLE = XSD + "double"
 XSD_DATETIME = XSD + "dateTime"
@@ -187,11 +190,17 @@ class EventGraph:
         return list(_rdflib_triples(self.resources))
 
     def nquads(self) -> str:
-        """N-Quads of the graph in the event's named graph (what the RDF store loads). Blank
-        nodes are labelled from the event id; the store renames them on load anyway.
+        """N-Quads of the graph in the event's named graph, blank nodes labelled from the event
+        id. Raises ValueError for an IRI that N-Quads cannot carry."""
+        end = f" {_nq_iri(self.graph_iri)} .\n"
+        return _nquads(self.resources, end, "_:e" + self.event_id.replace("-", "") + "b", "")
 
-        Raises ValueError for an IRI that N-Quads cannot carry."""
-        return _nquads(self.resources, self.graph_iri, "e" + self.event_id.replace("-", "") + "b")
+    def ntriples(self) -> str:
+        """N-Triples of the graph as the RDF store keeps it (in its default graph): each blank
+        node becomes a skolem IRI made from the event id and the node's place in the tree, so
+        that the same event always gives the same triples and loading it again adds nothing.
+        Raises ValueError for an IRI that N-Triples cannot carry."""
+        return _nquads(self.resources, " .\n", f"<{GENID_BASE}{self.event_id}/b", ">")
 
 
 # -- JSON-LD ------------------------------------------------------------------------------
@@ -348,8 +357,9 @@ _XSD_BOOLEAN = XSD + "boolean"
 _XSD_INTEGER = XSD + "integer"
 
 
-def _nquads(resources: Sequence[Node], graph_iri: str, bnode_prefix: str) -> str:
-    end = f" {_nq_iri(graph_iri)} .\n"  # every line ends in the graph
+def _nquads(resources: Sequence[Node], end: str, bnode_open: str, bnode_close: str) -> str:
+    """Lines ending in ``end`` (the graph and the dot, or the dot); blank node number n is
+    written ``bnode_open + n + bnode_close``."""
     type_ref = _nq_iri(RDF_TYPE)
     checked = _IRI_OK.get  # IRIs seen before need no check (_nq_iri)
     lines: list[str] = []
@@ -358,7 +368,7 @@ def _nquads(resources: Sequence[Node], graph_iri: str, bnode_prefix: str) -> str
     def subject(node: Node) -> str:
         s = ids.get(id(node))
         if s is None:
-            s = ids[id(node)] = _nq_iri(node.iri) if node.iri is not None else f"_:{bnode_prefix}{len(ids)}"
+            s = ids[id(node)] = _nq_iri(node.iri) if node.iri is not None else f"{bnode_open}{len(ids)}{bnode_close}"
         return s
 
     stack = list(reversed(resources))

@@ -43,8 +43,12 @@ def test_jsonld_is_isomorphic_to_the_validated_graph(cohort_events: list[dict]) 
         assert json.loads(published)["@context"] == CONTEXT
 
 
-def test_stored_nquads_are_isomorphic_to_the_validated_graph(cohort_events: list[dict]) -> None:
+def test_nquads_and_stored_ntriples_are_isomorphic_to_the_validated_graph(cohort_events: list[dict]) -> None:
+    import re
+
     from rdflib import Dataset, URIRef
+
+    from stream.rdf import GENID_BASE
 
     for event in _events(cohort_events):
         graph = build_event_graph(normalize_event(event), SOURCE)
@@ -52,6 +56,12 @@ def test_stored_nquads_are_isomorphic_to_the_validated_graph(cohort_events: list
         dataset.parse(data=graph.nquads(), format="nquads")
         named = dataset.graph(URIRef(graph.graph_iri))
         assert isomorphic(_graph(named), _graph(graph.triples())), event["kind"]
+        # The store's form: skolem IRIs where the graph has blank nodes, one per blank node.
+        stored = graph.ntriples()
+        skolems = set(re.findall(f"<{re.escape(GENID_BASE)}{graph.event_id}/(b\\d+)>", stored))
+        assert len(skolems) == sum(1 for n in graph.nodes() if n.iri is None)
+        unskolemized = re.sub(f"<{re.escape(GENID_BASE)}[^/>]+/(b\\d+)>", r"_:\1", stored)
+        assert isomorphic(Graph().parse(data=unskolemized, format="nt"), _graph(graph.triples())), event["kind"]
 
 
 def test_nquads_escape_literals_and_refuse_iris_they_cannot_carry() -> None:

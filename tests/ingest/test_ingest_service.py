@@ -111,3 +111,32 @@ def test_batches_that_queue_up_are_stored_together_and_reported_in_order() -> No
     assert [e for call in calls for e in call] == ["e0", "e1", "e2", "e3"]
     assert len(calls) == 2  # the first batch alone, the three that waited behind it together
     assert order == ["b0", "b1", "b2", "b3"]
+
+
+def test_the_writer_gathers_batches_up_to_its_size_or_time_and_hurries_on_demand() -> None:
+    import time
+
+    calls: list[list[str]] = []
+
+    def store(graphs: list[tuple[str, str]]) -> None:
+        calls.append([eid for eid, _ in graphs])
+
+    writer = StoreWriter(store, min_events=4, within_s=30.0)
+    futures = [writer.submit([(f"a{i}", ""), (f"b{i}", "")], None) for i in range(2)]  # 4 events: enough
+    for f in futures:
+        f.result(10)
+    assert calls == [["a0", "b0", "a1", "b1"]]
+    # Fewer than min_events wait (here up to 30 s) until someone hurries the writer.
+    late = writer.submit([("c0", "")], None)
+    time.sleep(0.3)
+    assert len(calls) == 1 and not late.done()
+    start = time.monotonic()
+    writer.hurry()
+    late.result(10)
+    assert time.monotonic() - start < 5 and calls[-1] == ["c0"]
+    writer.close()
+
+    quick = StoreWriter(lambda graphs: calls.append([e for e, _ in graphs]), min_events=100, within_s=0.05)
+    quick.submit([("d0", "")], None).result(10)  # the wait ends after within_s
+    quick.close()
+    assert calls[-1] == ["d0"]
