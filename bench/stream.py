@@ -419,7 +419,10 @@ def passthrough_worker() -> int:
 
     import faust  # noqa: PLC0415
 
+    from stream.faust_fetch import set_faust_fetch_wait  # noqa: PLC0415
+
     kafka = KafkaSettings.from_env()
+    set_faust_fetch_wait(kafka.fetch_wait_max_ms)  # the normalizer's plumbing
     topics = Topics.from_settings(kafka)
     app = faust.App(
         f"{kafka.consumer_group}-passthrough",

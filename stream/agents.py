@@ -398,6 +398,9 @@ def create_app(
     """The faust app with the normalizer agent (and the SPARQL page when a web port is set)."""
     import faust  # noqa: PLC0415  (faust is needed only where the agent runs)
 
+    from stream.faust_fetch import set_faust_fetch_wait  # noqa: PLC0415
+
+    set_faust_fetch_wait(kafka.fetch_wait_max_ms)
     topics = Topics.from_settings(kafka)
     agent_settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
