@@ -416,6 +416,7 @@ STAGES: list[Stage] = [raw_produce, raw_consume, faust_passthrough, normalizer, 
 def passthrough_worker() -> int:
     import asyncio  # noqa: PLC0415
     import concurrent.futures  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
 
     import faust  # noqa: PLC0415
 
@@ -424,6 +425,7 @@ def passthrough_worker() -> int:
     kafka = KafkaSettings.from_env()
     set_faust_fetch_wait(kafka.fetch_wait_max_ms)  # the normalizer's plumbing
     topics = Topics.from_settings(kafka)
+    datadir = tempfile.TemporaryDirectory(prefix="oncotwin-bench-faust-")
     app = faust.App(
         f"{kafka.consumer_group}-passthrough",
         **kafka.faust_config(),
@@ -433,6 +435,7 @@ def passthrough_worker() -> int:
         autodiscover=False,
         web_enabled=False,
         topic_partitions=kafka.topic_partitions,
+        datadir=datadir.name,  # not the current directory
     )
     channel = app.topic(*topics.events(), key_serializer="raw", value_serializer="raw")
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -451,7 +454,8 @@ def passthrough_worker() -> int:
             await loop.run_in_executor(executor, forward, [e.message for e in events])
 
     worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    with datadir:
+        worker.execute_from_commandline()
     return 0
 
 

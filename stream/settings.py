@@ -32,6 +32,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "KAFKA_HEARTBEAT_INTERVAL_MS": ("1000", "consumer heartbeat interval (well below the session timeout)"),
     "KAFKA_FETCH_WAIT_MAX_MS": ("50", "longest a fetch waits for data: low values keep latency low"),
     "KAFKA_DELIVERY_TIMEOUT_MS": ("120000", "how long the producer retries a record before reporting it undelivered"),
+    "KAFKA_COMPRESSION_TYPE": ("lz4", "codec of the record batches we produce: none, gzip, snappy, lz4 or zstd"),
     "ONCOTWIN_TOPIC_PREFIX": ("oncotwin", "prefix of every topic name (oncotwin.events.lab.v1 ...)"),
     "ONCOTWIN_TOPIC_PARTITIONS": ("6", "partitions of topics we create"),
     "ONCOTWIN_TOPIC_REPLICATION": ("1", "replication factor of topics we create"),
@@ -53,6 +54,7 @@ _FIELD_ENV: dict[str, str] = {
     "heartbeat_interval_ms": "KAFKA_HEARTBEAT_INTERVAL_MS",
     "fetch_wait_max_ms": "KAFKA_FETCH_WAIT_MAX_MS",
     "delivery_timeout_ms": "KAFKA_DELIVERY_TIMEOUT_MS",
+    "compression_type": "KAFKA_COMPRESSION_TYPE",
     "topic_prefix": "ONCOTWIN_TOPIC_PREFIX",
     "topic_partitions": "ONCOTWIN_TOPIC_PARTITIONS",
     "topic_replication": "ONCOTWIN_TOPIC_REPLICATION",
@@ -60,6 +62,8 @@ _FIELD_ENV: dict[str, str] = {
 }
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# Every codec Kafka defines; our clients read all of them (aiokafka through cramjam).
+COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
 _MASK = "***"
 
 
@@ -89,6 +93,7 @@ class KafkaSettings:
     heartbeat_interval_ms: int = 1000
     fetch_wait_max_ms: int = 50
     delivery_timeout_ms: int = 120_000
+    compression_type: str = "lz4"
     topic_prefix: str = "oncotwin"
     topic_partitions: int = 6
     topic_replication: int = 1
@@ -99,6 +104,10 @@ class KafkaSettings:
             raise ValueError(
                 f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
                 f"not {self.security_protocol!r}"
+            )
+        if self.compression_type not in COMPRESSION_TYPES:
+            raise ValueError(
+                f"KAFKA_COMPRESSION_TYPE must be one of {', '.join(COMPRESSION_TYPES)}, not {self.compression_type!r}"
             )
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             # The broker would expire the member between two heartbeats.
@@ -131,6 +140,7 @@ class KafkaSettings:
             heartbeat_interval_ms=_int_env(env, "KAFKA_HEARTBEAT_INTERVAL_MS", 1),
             fetch_wait_max_ms=_int_env(env, "KAFKA_FETCH_WAIT_MAX_MS", 0),
             delivery_timeout_ms=_int_env(env, "KAFKA_DELIVERY_TIMEOUT_MS", 1),
+            compression_type=get("KAFKA_COMPRESSION_TYPE").lower(),
             topic_prefix=get("ONCOTWIN_TOPIC_PREFIX"),
             topic_partitions=_int_env(env, "ONCOTWIN_TOPIC_PARTITIONS", 1),
             topic_replication=_int_env(env, "ONCOTWIN_TOPIC_REPLICATION", 1),
@@ -191,6 +201,8 @@ class KafkaSettings:
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
+                # JSON-LD compresses several-fold: less for the brokers to store and serve.
+                "compression.type": self.compression_type,
                 "delivery.timeout.ms": self.delivery_timeout_ms,
             }
         )
@@ -228,6 +240,7 @@ class KafkaSettings:
             "broker_heartbeat_interval": self.heartbeat_interval_ms / 1000,
             "broker_max_poll_interval": max(300.0, self.session_timeout_ms / 1000),
             "consumer_auto_offset_reset": "earliest",
+            "producer_compression_type": None if self.compression_type == "none" else self.compression_type,
         }
         credentials = self._faust_credentials()
         if credentials is not None:

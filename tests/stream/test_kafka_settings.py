@@ -61,6 +61,15 @@ def test_env_is_parsed_and_passed_to_confluent_kafka() -> None:
     assert settings.consumer_config("replay-1")["group.id"] == "replay-1"
 
 
+def test_compression_codec_reaches_librdkafka_and_faust() -> None:
+    default = KafkaSettings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "a:9092"})
+    assert default.producer_config()["compression.type"] == "lz4"
+    assert default.faust_config()["producer_compression_type"] == "lz4"
+    off = KafkaSettings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "a:9092", "KAFKA_COMPRESSION_TYPE": "NONE"})
+    assert off.producer_config()["compression.type"] == "none"
+    assert off.faust_config()["producer_compression_type"] is None
+
+
 def test_plaintext_sends_no_credentials_even_if_some_are_set() -> None:
     env = secure_env() | {"KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
     config = KafkaSettings.from_env(env).client_config()
@@ -84,6 +93,7 @@ def test_secrets_are_masked_in_repr_str_and_table() -> None:
         ("ONCOTWIN_TOPIC_PARTITIONS", "0", ">= 1"),
         ("KAFKA_SECURITY_PROTOCOL", "TLS", "PLAINTEXT, SSL"),
         ("KAFKA_HEARTBEAT_INTERVAL_MS", "9000", "below"),
+        ("KAFKA_COMPRESSION_TYPE", "brotli", "none, gzip, snappy, lz4, zstd"),
     ],
 )
 def test_bad_env_values_are_refused_with_the_variable_named(name: str, value: str, message: str) -> None:
