@@ -222,12 +222,18 @@ def _watch(
         done = at_first = 0
         meter = _CpuMeter(ctx, process)
         deadline = start + timeout
+        last_progress, longest_pause = start, 0.0
         while time.perf_counter() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"the worker exited with status {process.returncode}")
             messages = consumer.consume(num_messages=10_000, timeout=0.05)
-            done += sum(1 for m in messages if m.error() is None)
+            arrived = sum(1 for m in messages if m.error() is None)
+            done += arrived
             now = time.perf_counter()
+            if arrived:
+                if first is not None:
+                    longest_pause = max(longest_pause, now - last_progress)
+                last_progress = now
             if done > 0 and first is None:
                 first, at_first = now, done
                 meter.mark()
@@ -237,6 +243,9 @@ def _watch(
                     time.sleep(0.005)
                 now = time.perf_counter()
                 ctx.state["cpu_us"] = meter.per_event_us(done - at_first)
+                # The longest wait between two arrivals: tansu pauses for 0.2-0.9 s now and then
+                # (every client and the broker idle), which a short stage feels most.
+                ctx.state["longest_pause_s"] = round(longest_pause, 2)
                 return first - start, now - first, start
         raise RuntimeError(f"{topic}: only {done} of {expected} records within {timeout:.0f}s")
     finally:
@@ -300,6 +309,7 @@ def faust_passthrough(ctx: BenchContext) -> StageResult:
     process = _worker(ctx, ["-m", "bench.stream", "--worker", "passthrough"], env, "passthrough")
     join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process)
     ctx.extra["passthrough_start_s"] = round(join, 2)
+    ctx.extra["passthrough_longest_pause_s"] = ctx.state["longest_pause_s"]
     for who, us in ctx.state.get("cpu_us", {}).items():
         ctx.extra[f"passthrough_{who}_cpu_us_per_event"] = us
     return StageResult("faust_passthrough", ctx.events, seconds, sum(len(v) for _, _, v, _ in _bench_events(ctx)))
@@ -339,6 +349,7 @@ def normalizer(ctx: BenchContext) -> StageResult:
 
     join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process, settled=stored)
     ctx.extra["normalizer_start_s"] = round(join, 2)
+    ctx.extra["normalizer_longest_pause_s"] = ctx.state["longest_pause_s"]
     for who, us in ctx.state.get("cpu_us", {}).items():
         ctx.extra[f"normalizer_{who}_cpu_us_per_event"] = us
     ctx.extra["normalizer_dead_letters"] = _count(ctx, topics.deadletter)
