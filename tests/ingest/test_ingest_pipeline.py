@@ -2,7 +2,8 @@
 
 Events of every kind reach the observations topic and the RDF store (SPARQL finds them); bad
 records reach the dead-letter topic with their stage, reason and original bytes, and the worker
-keeps going; duplicates give one observation, also across a restart.
+keeps going; records compressed with any of Kafka's codecs are read; duplicates give one
+observation, also across a restart.
 """
 
 from __future__ import annotations
