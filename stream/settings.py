@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+# Every codec Kafka defines; our clients read all of them (aiokafka through cramjam).
+COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
+
 # name -> (default, help). The single source for `oncotwin settings` and the README table,
 # in the same shape as oncotwin.settings.ENV_VARS.
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -32,7 +35,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "KAFKA_HEARTBEAT_INTERVAL_MS": ("1000", "consumer heartbeat interval (well below the session timeout)"),
     "KAFKA_FETCH_WAIT_MAX_MS": ("50", "longest a fetch waits for data: low values keep latency low"),
     "KAFKA_DELIVERY_TIMEOUT_MS": ("120000", "how long the producer retries a record before reporting it undelivered"),
-    "KAFKA_COMPRESSION_TYPE": ("lz4", "codec of the record batches we produce: none, gzip, snappy, lz4 or zstd"),
+    "KAFKA_COMPRESSION_TYPE": ("lz4", f"codec of the record batches we produce: {', '.join(COMPRESSION_TYPES)}"),
     "ONCOTWIN_TOPIC_PREFIX": ("oncotwin", "prefix of every topic name (oncotwin.events.lab.v1 ...)"),
     "ONCOTWIN_TOPIC_PARTITIONS": ("6", "partitions of topics we create"),
     "ONCOTWIN_TOPIC_REPLICATION": ("1", "replication factor of topics we create"),
@@ -62,8 +65,6 @@ _FIELD_ENV: dict[str, str] = {
 }
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-# Every codec Kafka defines; our clients read all of them (aiokafka through cramjam).
-COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
 _MASK = "***"
 
 
