@@ -1,6 +1,6 @@
 """Streaming benchmark: records per second through Kafka, stage by stage.
 
-    python -m bench.stream [--records 20000] [--size 1024] [--partitions 6] [--events 10000]
+    python -m bench.stream [--records 20000] [--size 1024] [--partitions 6] [--events 10000] [--bounds]
 
 Uses KAFKA_BOOTSTRAP_SERVERS when set, else the embedded tansu broker. Prints a table, then
 as its last line one JSON object ({"bench": "stream", "raw_produce_per_s": ..., ...}).
@@ -9,6 +9,12 @@ Besides rates, the faust stages report the CPU time per event of the worker proc
 threads) and of the embedded broker over the same interval (``*_cpu_us_per_event``, Linux): on a
 machine whose cores are all busy, rates follow CPU per event, and unlike rates it does not move
 when something else runs beside the bench.
+
+``--bounds`` runs the normalizer twice more, each time with one of its two costly parts taken
+away: without the RDF store (``normalizer_without_store``), and with every event's outcome
+computed before the worker reads anything (``normalizer_precomputed``: parsing, contract, RDF,
+SHACL and serialization cost a dictionary lookup). What each variant reaches is the most the
+rest of the worker allows, a ceiling no faster code for the missing part can pass.
 
 Stages run in order on a shared ``BenchContext`` and each returns a ``StageResult``; a new
 stage (faust pass-through, normalizer, end-to-end latency p50/p99) is one more function
@@ -307,6 +313,7 @@ def faust_passthrough(ctx: BenchContext) -> StageResult:
     _produce_events(ctx, lambda topic: topic.replace(ctx.settings.topic_prefix, prefix, 1))
     env = {**_kafka_env(ctx, f"{prefix}-group"), "ONCOTWIN_TOPIC_PREFIX": prefix}
     process = _worker(ctx, ["-m", "bench.stream", "--worker", "passthrough"], env, "passthrough")
+    ctx.state["passthrough"] = process
     join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process)
     ctx.extra["passthrough_start_s"] = round(join, 2)
     ctx.extra["passthrough_longest_pause_s"] = ctx.state["longest_pause_s"]
@@ -318,16 +325,40 @@ def faust_passthrough(ctx: BenchContext) -> StageResult:
 def normalizer(ctx: BenchContext) -> StageResult:
     """The normalizer worker (python -m stream.agents): parse, contract, terms, claim checks,
     RDF, SHACL, JSON-LD published, graphs stored in Oxigraph."""
+    _stop(ctx, "passthrough")  # an idle faust worker still polls: not beside the one timed
+    return _normalizer_stage(ctx, "normalizer", "nz", ["-m", "stream.agents"])
+
+
+def normalizer_without_store(ctx: BenchContext) -> StageResult:
+    """The normalizer with an RDF store that keeps nothing (a bound: see ``--bounds``)."""
+    _stop(ctx, "normalizer")
+    return _normalizer_stage(ctx, "normalizer_without_store", "nzs", ["-m", "bench.stream", "--worker", "normalizer", "--without", "store"])
+
+
+def normalizer_precomputed(ctx: BenchContext) -> StageResult:
+    """The normalizer looking each event's outcome up (a bound: see ``--bounds``)."""
+    _stop(ctx, "normalizer_without_store")
+    events_file = Path(ctx.state["cohort_root"]) / "bench-events.jsonl"
+    with events_file.open("w") as out:
+        for topic, key, value, _ in _bench_events(ctx):
+            out.write(json.dumps({"kind": topic.split(".")[-2], "key": key, "value": value.decode()}) + "\n")
+    return _normalizer_stage(
+        ctx, "normalizer_precomputed", "nzp",
+        ["-m", "bench.stream", "--worker", "normalizer", "--without", "normalization"],
+        {"ONCOTWIN_BENCH_EVENTS": str(events_file)},
+    )
+
+
+def _normalizer_stage(ctx: BenchContext, name: str, suffix: str, args: list[str], env: dict[str, str] | None = None) -> StageResult:
     import tempfile  # noqa: PLC0415
 
-    # Topics of its own: the raw stages left synthetic (non-event) records in the main ones.
-    prefix = f"{ctx.settings.topic_prefix}-nz"
-    topics = Topics(prefix)
-    ensure_topics(ctx.settings, topics, partitions=ctx.settings.topic_partitions)
-    ctx.state["normalizer_topics"] = topics
-    _produce_events(ctx, lambda topic: topic.replace(ctx.settings.topic_prefix, prefix, 1))
     from stream.broker import free_port  # noqa: PLC0415
 
+    # Topics of its own: the raw stages left synthetic (non-event) records in the main ones.
+    prefix = f"{ctx.settings.topic_prefix}-{suffix}"
+    topics = Topics(prefix)
+    ensure_topics(ctx.settings, topics, partitions=ctx.settings.topic_partitions)
+    _produce_events(ctx, lambda topic: topic.replace(ctx.settings.topic_prefix, prefix, 1))
     data_dir = Path(tempfile.mkdtemp(prefix="oncotwin-bench-data-"))
     port = free_port()
     env = {
@@ -336,9 +367,11 @@ def normalizer(ctx: BenchContext) -> StageResult:
         "ONCOTWIN_IMAGING_ROOT": str(ctx.state["cohort_root"]),
         "ONCOTWIN_DATA_DIR": str(data_dir),
         "ONCOTWIN_NORMALIZER_WEB_PORT": str(port),
+        **(env or {}),
     }
-    process = _worker(ctx, ["-m", "stream.agents"], env, "normalizer")
-    ctx.state["normalizer"] = process
+    process = _worker(ctx, args, env, name)
+    ctx.state[name] = process
+    ctx.state[f"{name}_topics"] = topics
 
     def stored() -> bool:
         # Timed until the graphs are in the RDF store, not only published.
@@ -348,13 +381,23 @@ def normalizer(ctx: BenchContext) -> StageResult:
             return int(json.loads(response.read())["stored"]) >= ctx.events
 
     join, seconds, _ = _watch(ctx, topics.observations, ctx.events, process, settled=stored)
-    ctx.extra["normalizer_start_s"] = round(join, 2)
-    ctx.extra["normalizer_longest_pause_s"] = ctx.state["longest_pause_s"]
+    ctx.extra[f"{name}_start_s"] = round(join, 2)
+    ctx.extra[f"{name}_longest_pause_s"] = ctx.state["longest_pause_s"]
     for who, us in ctx.state.get("cpu_us", {}).items():
-        ctx.extra[f"normalizer_{who}_cpu_us_per_event"] = us
-    ctx.extra["normalizer_dead_letters"] = _count(ctx, topics.deadletter)
-    result = StageResult("normalizer", ctx.events, seconds, sum(len(v) for _, _, v, _ in _bench_events(ctx)))
-    return result
+        ctx.extra[f"{name}_{who}_cpu_us_per_event"] = us
+    ctx.extra[f"{name}_dead_letters"] = _count(ctx, topics.deadletter)
+    return StageResult(name, ctx.events, seconds, sum(len(v) for _, _, v, _ in _bench_events(ctx)))
+
+
+def _stop(ctx: BenchContext, name: str) -> None:
+    """Stop a stage's worker once no later stage needs it."""
+    process = ctx.state.get(name)
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except Exception:  # noqa: BLE001  (subprocess.TimeoutExpired: it is killed at cleanup)
+            process.kill()
 
 
 def latency(ctx: BenchContext, rate: float = 400.0, seconds: float = 5.0) -> StageResult:
@@ -419,6 +462,7 @@ def latency(ctx: BenchContext, rate: float = 400.0, seconds: float = 5.0) -> Sta
 
 
 STAGES: list[Stage] = [raw_produce, raw_consume, faust_passthrough, normalizer, latency]
+BOUNDS: list[Stage] = [normalizer_without_store, normalizer_precomputed]
 
 
 # -- the pass-through worker (python -m bench.stream --worker passthrough) -------------------
@@ -470,8 +514,92 @@ def passthrough_worker() -> int:
     return 0
 
 
+# -- the bound workers (python -m bench.stream --worker normalizer --without PART) -----------
+
+
+def null_store(path: Path) -> Any:
+    """An RDF store that keeps no triples: loads cost nothing; it only remembers which events
+    were marked (the normalizer's seen-set)."""
+    from stream.rdfstore import RdfStore  # noqa: PLC0415
+
+    class NullStore(RdfStore):
+        marked: set[str]
+
+        def _load(self, text: str, format: Any = None) -> None:  # noqa: A002, ARG002
+            return None
+
+        def mark(self, event_ids: Any) -> None:
+            self.marked.update(event_ids)
+
+        def contains_event(self, event_id: str) -> bool:
+            return event_id in self.marked
+
+    store = NullStore(None)
+    store.marked = set()
+    return store
+
+
+def precomputed_normalizer(settings: Any, topics: Topics, events_file: Path | None = None) -> Any:
+    """A Normalizer that normalizes the events of ``events_file`` (JSONL of kind, key, value;
+    default $ONCOTWIN_BENCH_EVENTS) once, when built, and then answers each record of a known
+    event by a lookup of its event id. Their graphs keep the provenance of that first pass
+    (partition 0, offset = line number): a bound, not a normalizer. Records of other events
+    are normalized as usual."""
+    import dataclasses  # noqa: PLC0415
+
+    import orjson  # noqa: PLC0415
+
+    from stream.normalizer import BatchResult, Normalizer, SourceRecord  # noqa: PLC0415
+
+    class PrecomputedNormalizer(Normalizer):
+        def __init__(self) -> None:
+            super().__init__(settings, topics)
+            self.known: dict[str, Any] = {}
+            path = events_file or Path(os.environ["ONCOTWIN_BENCH_EVENTS"])
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            records = [SourceRecord(topics.event_topic(d["kind"]), 0, i, d["key"], d["value"].encode()) for i, d in enumerate(lines)]
+            for start in range(0, len(records), 500):
+                for o in super().process(records[start:start + 500]).observations:
+                    self.known[o.event_id] = o
+
+        def process(self, records: Any, seen: Any = None) -> Any:
+            result = BatchResult()
+            others = []
+            for record in records:
+                try:
+                    known = self.known.get(orjson.loads(record.value or b"null")["event_id"])
+                except (orjson.JSONDecodeError, TypeError, KeyError):
+                    known = None
+                if known is None:
+                    others.append(record)
+                elif seen is not None and seen(known.event_id):
+                    result.duplicates.append((known.event_id, record))
+                else:
+                    result.observations.append(dataclasses.replace(known, source=record))
+            if others:
+                rest = super().process(others, seen)
+                result.observations.extend(rest.observations)
+                result.dead_letters.extend(rest.dead_letters)
+                result.duplicates.extend(rest.duplicates)
+            return result
+
+    return PrecomputedNormalizer()
+
+
+def bound_worker(without: str) -> int:
+    """The normalizer worker (stream.agents) with one part swapped for one that costs nothing."""
+    from stream.agents import run as run_normalizer  # noqa: PLC0415
+
+    logging_level = os.environ.get("ONCOTWIN_LOG_LEVEL", "WARNING").upper()
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parts = {"make_store": null_store} if without == "store" else {"make_normalizer": precomputed_normalizer}
+    return run_normalizer(loglevel=logging_level.lower(), **parts)
+
+
 def run(
-    records: int, record_bytes: int, partitions: int, patients: int = 1000, events: int = 10_000
+    records: int, record_bytes: int, partitions: int, patients: int = 1000, events: int = 10_000, bounds: bool = False
 ) -> tuple[list[StageResult], dict[str, Any]]:
     base = KafkaSettings.from_env(os.environ)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -490,7 +618,7 @@ def run(
         )
         ctx.state["broker_pid"] = broker.pid if broker is not None else None
         try:
-            results = [stage(ctx) for stage in STAGES]
+            results = [stage(ctx) for stage in STAGES + (BOUNDS if bounds else [])]
         finally:
             for cleanup in reversed(ctx.cleanups):
                 cleanup()
@@ -515,13 +643,18 @@ def run(
         summary["normalizer_vs_passthrough"] = round(rates["normalizer"] / rates["faust_passthrough"], 3)
         summary["events"] = events
         summary["targets_met"] = bool(summary["normalizer_vs_passthrough"] >= 0.5 and rates["normalizer"] >= 2000)
+    for bound in BOUNDS:
+        name = bound.__name__
+        if name in rates and "faust_passthrough" in rates:
+            summary[f"{name}_vs_passthrough"] = round(rates[name] / rates["faust_passthrough"], 3)
     return results, summary
 
 
 def format_table(results: list[StageResult]) -> str:
-    lines = [f"{'stage':<16}{'records':>10}{'seconds':>10}{'records/s':>12}{'MB/s':>9}"]
+    width = max([16] + [len(r.name) + 2 for r in results])
+    lines = [f"{'stage':<{width}}{'records':>10}{'seconds':>10}{'records/s':>12}{'MB/s':>9}"]
     for r in results:
-        lines.append(f"{r.name:<16}{r.records:>10}{r.seconds:>10.3f}{r.per_s:>12.0f}{r.mb_per_s:>9.2f}")
+        lines.append(f"{r.name:<{width}}{r.records:>10}{r.seconds:>10.3f}{r.per_s:>12.0f}{r.mb_per_s:>9.2f}")
     return "\n".join(lines)
 
 
@@ -531,11 +664,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="record value size in bytes")
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--events", type=int, default=10_000, help="clinical events for the faust and normalizer stages")
-    parser.add_argument("--worker", choices=["passthrough"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--bounds", action="store_true",
+        help="also time the normalizer without its RDF store, and with its events' outcomes precomputed",
+    )
+    parser.add_argument("--worker", choices=["passthrough", "normalizer"], help=argparse.SUPPRESS)
+    parser.add_argument("--without", choices=["store", "normalization"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker == "passthrough":
         return passthrough_worker()
-    results, summary = run(args.records, args.size, args.partitions, events=args.events)
+    if args.worker == "normalizer":
+        return bound_worker(args.without)
+    results, summary = run(args.records, args.size, args.partitions, events=args.events, bounds=args.bounds)
     print(
         f"stream bench: {args.records} records of {args.size} B, {args.partitions} partitions, "
         f"broker {summary['broker']}"

@@ -394,8 +394,13 @@ def create_app(
     agent_settings: AgentSettings,
     *,
     app_id: str | None = None,
+    make_normalizer: Callable[[NormalizerSettings, Topics], Normalizer] = Normalizer,
+    make_store: Callable[[Path], RdfStore] = RdfStore,
 ) -> Any:
-    """The faust app with the normalizer agent (and the SPARQL page when a web port is set)."""
+    """The faust app with the normalizer agent (and the SPARQL page when a web port is set).
+
+    ``make_normalizer`` and ``make_store`` build its two parts (bench.stream swaps either for
+    one that costs nothing, to measure what the rest of the worker allows)."""
     import faust  # noqa: PLC0415  (faust is needed only where the agent runs)
 
     from stream.faust_fetch import set_faust_fetch_wait  # noqa: PLC0415
@@ -429,8 +434,8 @@ def create_app(
         if "service" not in holder:
             holder["service"] = NormalizerService(
                 kafka,
-                Normalizer(settings, topics),
-                RdfStore(agent_settings.store_path),
+                make_normalizer(settings, topics),
+                make_store(agent_settings.store_path),
                 store_events=agent_settings.store_events,
                 store_within_s=agent_settings.store_within_s,
             )
@@ -496,9 +501,10 @@ def run(
     agent_settings: AgentSettings | None = None,
     *,
     loglevel: str = "info",
+    **parts: Any,
 ) -> int:
     """Run the normalizer worker until SIGINT/SIGTERM (faust handles both: the current batch
-    finishes, offsets are committed, the group is left)."""
+    finishes, offsets are committed, the group is left). ``parts`` go to ``create_app``."""
     import faust  # noqa: PLC0415
 
     from stream.broker import ensure_broker  # noqa: PLC0415
@@ -509,7 +515,7 @@ def run(
     kafka, broker = ensure_broker(kafka)
     try:
         ensure_topics(kafka, Topics.from_settings(kafka))
-        app = create_app(kafka, settings, agent_settings)
+        app = create_app(kafka, settings, agent_settings, **parts)
         worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
         try:
             worker.execute_from_commandline()
