@@ -391,12 +391,14 @@ def _normalizer_stage(ctx: BenchContext, name: str, suffix: str, args: list[str]
 
 def _stop(ctx: BenchContext, name: str) -> None:
     """Stop a stage's worker once no later stage needs it."""
+    import subprocess  # noqa: PLC0415
+
     process = ctx.state.get(name)
     if process is not None and process.poll() is None:
         process.terminate()
         try:
             process.wait(30)
-        except Exception:  # noqa: BLE001  (subprocess.TimeoutExpired: it is killed at cleanup)
+        except subprocess.TimeoutExpired:
             process.kill()
 
 
@@ -588,14 +590,14 @@ def precomputed_normalizer(settings: Any, topics: Topics, events_file: Path | No
 
 def bound_worker(without: str) -> int:
     """The normalizer worker (stream.agents) with one part swapped for one that costs nothing."""
-    from stream.agents import run as run_normalizer  # noqa: PLC0415
-
-    logging_level = os.environ.get("ONCOTWIN_LOG_LEVEL", "WARNING").upper()
     import logging  # noqa: PLC0415
 
-    logging.basicConfig(level=logging_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from stream.agents import run as run_normalizer  # noqa: PLC0415
+
+    level = os.environ.get("ONCOTWIN_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parts = {"make_store": null_store} if without == "store" else {"make_normalizer": precomputed_normalizer}
-    return run_normalizer(loglevel=logging_level.lower(), **parts)
+    return run_normalizer(loglevel=level.lower(), **parts)
 
 
 def run(
