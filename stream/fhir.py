@@ -8,7 +8,9 @@ Accepted on the lab and ctDNA topics beside native events:
   33729-5 additional dimension; or a ``valueQuantity``) -> a lab event with code 21889-1 and
   the longest dimension (cm or mm, converted to mm by the contract's units);
 - GenomicVariant with a variant allele fraction component (LOINC 81258-6) -> a ctDNA event of
-  measure ``vaf`` with the gene (48018-6) and the HGVS change (48004-6, 81290-9, 81252-9).
+  measure ``vaf`` with the gene (48018-6) and the HGVS change (48004-6, 81290-9, 81252-9); a
+  VAF whose unit is given as text only ("decimal", "percent") is read as a fraction or a
+  percentage.
 
 The patient pseudonym is the id of ``Observation.subject`` (``Patient/<id>``) when that id is a
 valid pseudonym; anything else is refused rather than guessed (a real identifier must never
@@ -44,6 +46,15 @@ OTHER_DIMENSION = "33729-5"
 VAF = "81258-6"
 GENE_STUDIED = "48018-6"
 HGVS_CODES = ("48004-6", "81290-9", "81252-9")  # c.HGVS, g.HGVS, discrete variant
+
+# A VAF is a number fraction (LOINC property NFr). Feeds, the Genomics Reporting IG's own
+# examples among them, often give its unit as text only (``"unit": "decimal"``, no ``code``):
+# these words name a plain fraction or a percentage without doubt. Any other text goes to the
+# contract, which refuses a unit it does not know rather than guess a factor of 100.
+_FRACTION_UNITS = {
+    "decimal": "1", "decimal fraction": "1", "fraction": "1", "ratio": "1", "proportion": "1",
+    "percent": "%", "percentage": "%",
+}
 
 _PSEUDONYM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}\Z")
 _FHIR_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})\Z")
@@ -258,7 +269,10 @@ def _genomic_variant(resource: Mapping[str, Any]) -> dict[str, Any]:
             f"Observation.component[{VAF}]",
             "a genomic variant needs its variant allele fraction (component LOINC 81258-6 with a valueQuantity) to be a ctDNA measurement",
         )
-    value, unit = _quantity(vaf.get("valueQuantity"), f"Observation.component[{VAF}].valueQuantity")
+    quantity = vaf.get("valueQuantity")
+    value, unit = _quantity(quantity, f"Observation.component[{VAF}].valueQuantity")
+    if isinstance(quantity, Mapping) and not quantity.get("code"):
+        unit = _FRACTION_UNITS.get(unit.strip().lower(), unit)
     body: dict[str, Any] = {"measure": "vaf", "value": value, "unit": unit}
     gene = _component(resource, GENE_STUDIED)
     if gene is not None:

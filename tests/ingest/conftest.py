@@ -1,4 +1,4 @@
-"""Fixtures of the ingestion tests: broker, virtual cohort, DICOM test files, the mCODE package.
+"""Fixtures of the ingestion tests: broker, virtual cohort, DICOM test files, official FHIR packages.
 
 The broker is the embedded tansu broker (or KAFKA_BOOTSTRAP_SERVERS with
 ONCOTWIN_TEST_KAFKA=external); integration modules run one normalizer worker each, on topics
@@ -63,26 +63,48 @@ def cohort_events(cohort: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def mcode_examples() -> Path:
     """The example folder of the official mCODE 4.0.0 package (npm pack into a cache)."""
-    package_dir = FHIR_CACHE / "hl7.fhir.us.mcode-4.0.0"
-    examples = package_dir / "package" / "example"
-    if examples.is_dir() and any(examples.glob("Observation-*.json")):
-        return examples
+    return _fhir_package(MCODE_PACKAGE, "package/example")
+
+
+@pytest.fixture(scope="session")
+def genomics_examples() -> Path:
+    """The example folder of the official HL7 Genomics Reporting IG 3.0.0 package."""
+    return _fhir_package("hl7.fhir.uv.genomics-reporting@3.0.0", "package/example")
+
+
+@pytest.fixture(scope="session")
+def r4_observation_examples() -> Path:
+    """The Observation examples of the official FHIR R4 examples package (4.0.1): 18.8 MB, of
+    which only the Observation-*.json files are unpacked."""
+    return _fhir_package("hl7.fhir.r4.examples@4.0.1", "package", members="package/Observation-")
+
+
+def _fhir_package(spec: str, examples: str, members: str | None = None) -> Path:
+    """``examples`` (a folder) of the npm package ``spec`` (name@version), packed into
+    FHIR_CACHE once and unpacked there (only the members starting with ``members``, if given).
+    Skips when npm or the registry is unavailable."""
+    name, version = spec.split("@")
+    package_dir = FHIR_CACHE / f"{name}-{version}"
+    folder = package_dir / examples
+    if folder.is_dir() and any(folder.glob("Observation-*.json")):
+        return folder
     FHIR_CACHE.mkdir(parents=True, exist_ok=True)
-    tarball = FHIR_CACHE / "hl7.fhir.us.mcode-4.0.0.tgz"
+    tarball = FHIR_CACHE / f"{name}-{version}.tgz"
     if not tarball.exists():
         npm = shutil.which("npm")
         if npm is None:
-            pytest.skip("npm is not installed: cannot fetch the mCODE package")
+            pytest.skip(f"npm is not installed: cannot fetch {spec}")
         try:
             done = subprocess.run(
-                [npm, "pack", MCODE_PACKAGE, "--pack-destination", str(FHIR_CACHE)],
+                [npm, "pack", spec, "--pack-destination", str(FHIR_CACHE)],
                 capture_output=True, text=True, timeout=180, cwd=FHIR_CACHE,
             )
         except subprocess.TimeoutExpired:
             pytest.skip("the npm registry did not answer within 180 s")
         if done.returncode != 0 or not tarball.exists():
-            pytest.skip(f"npm pack {MCODE_PACKAGE} failed (registry unreachable?): {done.stderr.strip()[-300:]}")
+            pytest.skip(f"npm pack {spec} failed (registry unreachable?): {done.stderr.strip()[-300:]}")
     package_dir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tarball) as archive:
-        archive.extractall(package_dir, filter="data")
-    return examples
+        chosen = [m for m in archive.getmembers() if members is None or m.name.startswith(members)]
+        archive.extractall(package_dir, members=chosen, filter="data")
+    return folder

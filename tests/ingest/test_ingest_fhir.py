@@ -1,4 +1,5 @@
-"""Official mCODE 4.0.0 examples through the FHIR conversion and the whole normalizer.
+"""Official FHIR examples through the FHIR conversion and the whole normalizer: mCODE 4.0.0,
+Genomics Reporting 3.0.0 and the FHIR R4 Observation examples (npm packages, CC0).
 
 What the package holds decides the assertions: its TumorSize examples and its GenomicVariant
 examples that carry a variant allele fraction normalize; its TumorMarkerTest examples are all
@@ -109,3 +110,76 @@ def test_dates_without_zone_are_refused() -> None:
         observation_to_event(resource)
     resource["effectiveDateTime"] = "2024-02-12"
     assert observation_to_event(resource).event["occurred_at"] == "2024-02-12T12:00:00Z"
+
+
+# -- other official packages: foreign inputs never crash the normalizer ---------------------
+
+
+def _vaf_component(resource: dict) -> dict | None:
+    for component in resource.get("component", []):
+        if any(c.get("system") == "http://loinc.org" and c.get("code") == "81258-6" for c in component["code"].get("coding", [])):
+            return component
+    return None
+
+
+def test_genomics_reporting_variants_with_vaf_normalize_as_ctdna(genomics_examples: Path) -> None:
+    """Every GenomicVariant example of the Genomics Reporting IG 3.0.0 that carries a VAF and a
+    patient becomes a ctDNA observation with that fraction (most give its unit as the text
+    "decimal", no UCUM code); every other Observation example is dead-lettered with a reason
+    that names a FHIR element, none with an internal failure."""
+    examples = [(p.name, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(genomics_examples.glob("Observation-*.json"))]
+    assert len(examples) >= 50
+    normalized = 0
+    for name, resource in examples:
+        outcome = _normalize(resource, "ctdna")
+        vaf = _vaf_component(resource)
+        if vaf is not None and str((resource.get("subject") or {}).get("reference", "")).startswith("Patient/"):
+            assert isinstance(outcome, Observation), (name, getattr(outcome, "reason", ""))
+            decoded = decode_jsonld(outcome.value)
+            assert decoded.kind == "ctdna" and decoded.unit == "1"
+            assert decoded.value == pytest.approx(vaf["valueQuantity"]["value"])
+            normalized += 1
+        else:
+            assert isinstance(outcome, DeadLetter), name
+            assert outcome.stage in ("fhir", "code", "unit"), (name, outcome.stage, outcome.reason)
+            assert outcome.reason.startswith(("Observation.", "body.")), (name, outcome.reason)
+    assert normalized >= 5
+
+
+def test_vaf_unit_words_and_unknown_unit_text() -> None:
+    resource = {
+        "resourceType": "Observation", "id": "v1", "status": "final", "subject": {"reference": "Patient/PSN-00001"},
+        "effectiveDateTime": "2024-02-12",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "69548-6"}]},
+        "component": [{
+            "code": {"coding": [{"system": "http://loinc.org", "code": "81258-6"}]},
+            "valueQuantity": {"value": 6.6, "unit": "percent", "system": "http://unitsofmeasure.org"},
+        }],
+    }
+    outcome = _normalize(resource, "ctdna")
+    assert isinstance(outcome, Observation), getattr(outcome, "reason", "")
+    assert decode_jsonld(outcome.value).value == pytest.approx(0.066)  # 6.6 % as a fraction
+    # A unit text that says nothing certain is not guessed: the contract names it.
+    resource["component"][0]["valueQuantity"]["unit"] = "units"
+    outcome = _normalize(resource, "ctdna")
+    assert isinstance(outcome, DeadLetter) and outcome.stage == "unit" and "'units'" in outcome.reason
+
+
+def test_r4_example_observations_are_normalized_or_dead_lettered_with_a_reason(r4_observation_examples: Path) -> None:
+    """The official FHIR R4 Observation examples (vital signs, panels, genetics, qualitative
+    results...) on both FHIR topics: none crashes a stage. What the service does not model (a
+    LOINC code outside the term table, a qualitative value, no time) is dead-lettered with a
+    reason naming the element."""
+    files = sorted(r4_observation_examples.glob("Observation-*.json"))
+    assert len(files) >= 50
+    stages: dict[str, int] = {}
+    for path in files:
+        resource = json.loads(path.read_text(encoding="utf-8"))
+        for kind in ("lab", "ctdna"):
+            outcome = _normalize(resource, kind)
+            if isinstance(outcome, DeadLetter):
+                assert outcome.stage in ("fhir", "code", "unit", "schema"), (path.name, outcome.stage, outcome.reason)
+                assert outcome.reason.startswith(("Observation.", "body.")), (path.name, outcome.reason)
+                stages[outcome.stage] = stages.get(outcome.stage, 0) + 1
+    # Both kinds of refusal occur: the FHIR conversion's and the term table's.
+    assert stages.get("fhir", 0) > 0 and stages.get("code", 0) > 0
