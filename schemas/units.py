@@ -14,8 +14,10 @@ Choices that are conventions rather than UCUM arithmetic:
   are deliberately not inter-convertible.
 - ``mg``, ``mg/m2`` and ``mg/kg`` (chemotherapy doses) convert only to themselves: turning one
   into another needs body surface area or weight, which the contract does not carry.
-- UCUM codes are case-sensitive (``mL`` is a millilitre, ``ML`` is not), so ``ng/ml`` is refused
-  with a hint instead of being folded to ``ng/mL``.
+- UCUM codes are case-sensitive (``mL`` is a millilitre, ``ML`` a megalitre), so ``NG/ML`` is
+  refused with a hint instead of being folded to ``ng/mL``. The litre alone has two codes in
+  UCUM, ``L`` and ``l``: ``ng/ml``, ``mg/l`` and the like are the same units as ``ng/mL`` and
+  ``mg/L`` (many laboratory systems send them), known as aliases.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ _TABLE: dict[str, tuple[str, Fraction]] = {
     "mg/kg": ("drug mass per body mass", _ONE),
 }
 
+# Every unit with a litre also spelled with UCUM's other litre code, "l".
+_LITRE_ALIASES: dict[str, str] = {u.replace("L", "l"): u for u in _TABLE if "L" in u}
+_TABLE.update({alias: _TABLE[unit] for alias, unit in _LITRE_ALIASES.items()})
+
 KNOWN_UNITS: frozenset[str] = frozenset(_TABLE)
 
 
@@ -76,9 +82,9 @@ def is_known_unit(unit: object) -> bool:
 
 
 def compatible_units(unit: str) -> tuple[str, ...]:
-    """Every known unit of the same dimension as `unit` (itself included)."""
+    """Every known unit of the same dimension as `unit` (itself included), litre aliases aside."""
     dimension = _entry(unit)[0]
-    return tuple(u for u, (d, _) in _TABLE.items() if d == dimension)
+    return tuple(u for u, (d, _) in _TABLE.items() if d == dimension and u not in _LITRE_ALIASES)
 
 
 def dimension_of(unit: str) -> str:
@@ -123,7 +129,7 @@ def _case_insensitive_match(unit: object) -> str | None:
     if not isinstance(unit, str):
         return None
     folded = unit.casefold()
-    matches = [u for u in _TABLE if u.casefold() == folded]
+    matches = [u for u in _TABLE if u.casefold() == folded and u not in _LITRE_ALIASES]
     return matches[0] if len(matches) == 1 else None
 
 

@@ -152,8 +152,19 @@ def test_unknown_code_and_unknown_unit() -> None:
     event["body"]["code"] = "99999-9"
     _dead(n, _record(event), "code", "99999-9", "LOINC")
     event = example("lab")
-    event["body"]["unit"] = "ng/ml"
-    _dead(n, _record(event), "unit", "ng/ml", "did you mean 'ng/mL'")
+    event["body"]["unit"] = "NG/ML"
+    _dead(n, _record(event), "unit", "NG/ML", "did you mean 'ng/mL'")
+
+
+def test_a_unit_with_ucums_other_litre_code_normalizes() -> None:
+    # Laboratory systems often send "ng/ml": UCUM's "l" is the litre as much as "L".
+    event = _with_id(example("lab"))
+    event["body"]["unit"] = "ng/" + "ml"
+    outcome = _one(_normalizer(None), _record(event))
+    assert isinstance(outcome, Observation), getattr(outcome, "reason", "")
+    decoded = decode_jsonld(outcome.value)
+    assert decoded.unit == "ng/mL" and decoded.value == event["body"]["value"]
+    assert '"ng/ml"' in outcome.ntriples  # the unit as reported is kept beside the canonical one
 
 
 def test_nan_and_negative_values() -> None:

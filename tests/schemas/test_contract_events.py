@@ -60,7 +60,7 @@ def test_make_event_refuses_naive_times_and_invalid_bodies() -> None:
         make_event("lab", "VP-0042", datetime(2024, 3, 4, 9, 15), PSA, source="lis-feed")
     with pytest.raises(EventValidationError) as caught:
         make_event(
-            "lab", "VP-0042", datetime.now(timezone.utc), {**PSA, "unit": "ng/ml"}, source="x"
+            "lab", "VP-0042", datetime.now(timezone.utc), {**PSA, "unit": "NG/ML"}, source="x"
         )
     assert [issue.path for issue in caught.value.issues] == ["body.unit"]
 

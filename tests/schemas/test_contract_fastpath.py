@@ -291,7 +291,7 @@ def test_cached_conversion_equals_units_to_canonical(pair: tuple[str, str], valu
 
 
 def test_cached_conversion_raises_as_units_does() -> None:
-    for unit, canonical in [("furlongs", "ng/mL"), ("U/L", "ng/mL"), ("ng/ml", "ng/mL")]:
+    for unit, canonical in [("furlongs", "ng/mL"), ("U/L", "ng/mL"), ("NG/ML", "ng/mL")]:
         with pytest.raises(Exception) as theirs:
             units.to_canonical(1.0, unit, canonical)
         with pytest.raises(Exception) as ours:

@@ -105,7 +105,7 @@ def test_construction_refuses_an_inconsistent_table() -> None:
     with pytest.raises(ContractError, match=re.escape("expected http://loinc.org/rdf#2857-1")):
         TermTable([dataclasses.replace(good, iri="http://loinc.org/2857-1")])
     with pytest.raises(ContractError, match=re.escape("units.py does not know")):
-        TermTable([dataclasses.replace(good, canonical_unit="ng/ml")])
+        TermTable([dataclasses.replace(good, canonical_unit="NG/ML")])
     with pytest.raises(UnknownCodeError):
         TermTable([good], {("dicom_modality", "MR"): ("snomed", "113091000")})
 

@@ -97,7 +97,23 @@ def test_unknown_unit_names_the_unit_and_what_was_expected() -> None:
 
 def test_case_matters_and_the_message_says_so() -> None:
     with pytest.raises(UnknownUnitError, match="did you mean 'ng/mL'"):
-        convert(1.0, "ng/ml", "ng/mL")
+        convert(1.0, "NG/ML", "ng/mL")
+    # "ML" is a megalitre in UCUM, not a millilitre: not folded either.
+    with pytest.raises(UnknownUnitError, match="did you mean 'ng/mL'"):
+        convert(1.0, "ng/ML", "ng/mL")
+
+
+@pytest.mark.parametrize(
+    ("alias", "unit"),
+    [("ng/ml", "ng/mL"), ("mg/l", "mg/L"), ("ml", "mL"), ("ul", "uL"), ("U/ml", "U/mL"), ("[iU]/ml", "[iU]/mL"),
+     ("kU/l", "kU/L"), ("IU/l", "IU/L"), ("{copies}/ml", "{copies}/mL")],
+)
+def test_the_litre_has_two_ucum_codes(alias: str, unit: str) -> None:
+    # UCUM: the litre is "l" or "L"; a unit spelled with either is the same unit.
+    assert convert(2.5, alias, unit) == 2.5 and convert(2.5, unit, alias) == 2.5
+    assert alias in KNOWN_UNITS
+    # Messages list each unit once, in its canonical spelling.
+    assert alias not in compatible_units(unit)
 
 
 @pytest.mark.parametrize(
