@@ -276,16 +276,19 @@ def _worker(ctx: BenchContext, args: list[str], env: dict[str, str], log_name: s
         stderr=subprocess.STDOUT,
     )
 
-    def stop() -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-    ctx.cleanups.append(stop)
+    ctx.cleanups.append(lambda: _terminate(process))
     return process
+
+
+def _terminate(process: Any) -> None:
+    import subprocess  # noqa: PLC0415
+
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _produce_events(ctx: BenchContext, topic_of: Any = None) -> None:
@@ -339,9 +342,7 @@ def normalizer_precomputed(ctx: BenchContext) -> StageResult:
     """The normalizer looking each event's outcome up (a bound: see ``--bounds``)."""
     _stop(ctx, "normalizer_without_store")
     events_file = Path(ctx.state["cohort_root"]) / "bench-events.jsonl"
-    with events_file.open("w") as out:
-        for topic, key, value, _ in _bench_events(ctx):
-            out.write(json.dumps({"kind": topic.split(".")[-2], "key": key, "value": value.decode()}) + "\n")
+    write_events_file(events_file, [(topic.split(".")[-2], key, value) for topic, key, value, _ in _bench_events(ctx)])
     return _normalizer_stage(
         ctx, "normalizer_precomputed", "nzp",
         ["-m", "bench.stream", "--worker", "normalizer", "--without", "normalization"],
@@ -391,15 +392,8 @@ def _normalizer_stage(ctx: BenchContext, name: str, suffix: str, args: list[str]
 
 def _stop(ctx: BenchContext, name: str) -> None:
     """Stop a stage's worker once no later stage needs it."""
-    import subprocess  # noqa: PLC0415
-
-    process = ctx.state.get(name)
-    if process is not None and process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    if name in ctx.state:
+        _terminate(ctx.state[name])
 
 
 def latency(ctx: BenchContext, rate: float = 400.0, seconds: float = 5.0) -> StageResult:
@@ -539,6 +533,13 @@ def null_store(path: Path) -> Any:
     store = NullStore(None)
     store.marked = set()
     return store
+
+
+def write_events_file(path: Path, events: list[tuple[str, str, bytes]]) -> None:
+    """(kind, key, value) of events as the JSONL ``precomputed_normalizer`` reads."""
+    with path.open("w") as out:
+        for kind, key, value in events:
+            out.write(json.dumps({"kind": kind, "key": key, "value": value.decode()}) + "\n")
 
 
 def precomputed_normalizer(settings: Any, topics: Topics, events_file: Path | None = None) -> Any:

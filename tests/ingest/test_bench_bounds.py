@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.stream import null_store, precomputed_normalizer
+from bench.stream import null_store, precomputed_normalizer, write_events_file
 from stream.normalizer import Normalizer, NormalizerSettings, SourceRecord
 from stream.topics import Topics
 
@@ -15,7 +15,7 @@ TOPICS = Topics("bounds")
 
 def _events_file(tmp_path: Path, events: list[dict]) -> Path:
     path = tmp_path / "events.jsonl"
-    path.write_text("".join(json.dumps({"kind": e["kind"], "key": e["patient_id"], "value": json.dumps(e)}) + "\n" for e in events))
+    write_events_file(path, [(e["kind"], e["patient_id"], json.dumps(e).encode()) for e in events])
     return path
 
 
