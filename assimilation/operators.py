@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,14 @@ __all__ = [
     "CompactImaging",
     "NoiseModel",
     "ObsBlock",
+    "MapNoise",
     "VoxelSelection",
     "compact_imaging",
     "concat_blocks",
     "ctdna_operator",
     "density_operator",
     "density_sum_operator",
+    "estimate_map_noise",
     "marker_operator",
     "profile_operator",
     "segmentation_operator",
@@ -54,7 +56,10 @@ __all__ = [
 class NoiseModel:
     """Observation-error standard deviations.
 
-    density_sd:        additive, fraction of capacity (cellularity maps).
+    density_sd:        additive, fraction of capacity (cellularity maps); per study, the larger
+                       of this and what the study's own background shows (``estimate_map_noise``).
+    density_offset:    additive bias of a cellularity map where there is no tumour (fraction of
+                       capacity); per study, estimated from its background.
     segmentation_sd:   additive on 0/1 labels compared with a soft segmentation.
     volume_rel_sd, volume_abs_sd_ml: volume error sd = sqrt((rel * V)² + abs²), mL.
     marker_log_sd:     sd of log(marker value).
@@ -67,6 +72,7 @@ class NoiseModel:
     """
 
     density_sd: float = 0.05
+    density_offset: float = 0.0
     segmentation_sd: float = 0.25
     volume_rel_sd: float = 0.10
     volume_abs_sd_ml: float = 0.5
@@ -108,6 +114,9 @@ class CompactImaging(ObservationBase):
     index:    [m] int64 flat voxel indices (C order) for density/segmentation, else None.
     values:   [m] float32 observed values at ``index``, else None.
     tumor_volume_ml: the visible volume, measured upstream or counted on the study.
+    noise_sd, noise_offset: for a density map, the noise its own background shows
+              (``estimate_map_noise``; fraction of capacity); None where not estimated (journals
+              written before the estimate existed), which means the configured noise model.
     """
 
     channel: str
@@ -116,6 +125,16 @@ class CompactImaging(ObservationBase):
     index: Tensor | None = None
     values: Tensor | None = None
     tumor_volume_ml: float | None = None
+    noise_sd: float | None = None
+    noise_offset: float = 0.0
+
+    def noise_model(self, noise: NoiseModel) -> NoiseModel:
+        """``noise`` with this study's density noise: the configured sd is a floor (a study
+        never claims to be more precise than the model can be matched to)."""
+        if self.noise_sd is None:
+            return noise
+        return replace(noise, density_sd=max(noise.density_sd, float(self.noise_sd)),
+                       density_offset=float(self.noise_offset))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,6 +188,70 @@ def select_voxels(values: Tensor, brain: Tensor, selection: VoxelSelection) -> T
     return torch.sort(torch.cat([first, rest])).values
 
 
+@dataclass(frozen=True)
+class MapNoise:
+    """The noise of a cellularity map where it shows no tumour: the map reads
+    clamp(offset + sd·z, 0, 1) there (z standard normal), fractions of capacity."""
+
+    offset: float
+    sd: float
+
+
+# Quantiles of the background used by ``estimate_map_noise``, as fractions of the part of the
+# background above the clamp at 0: low enough to stay clear of the few tumour voxels a margin
+# may miss, far enough apart to resolve the spread.
+_NOISE_QUANTILES = (0.3, 0.8)
+
+
+def estimate_map_noise(values: Tensor, brain: Tensor, mask: Tensor | None = None, *,
+                       threshold_sd: float = 1.0, iterations: int = 3, min_voxels: int = 200) -> MapNoise | None:
+    """The offset and sd of a density map's noise, read off its own background.
+
+    Real cellularity maps (ADC-derived) carry noise everywhere, and its level differs between
+    scanners, protocols and studies; a fixed noise model that is too small reads the noise
+    floor as tumour burden (tens of mL over a brain). The background is the brain minus the
+    tumour: minus ``mask`` [X, Y, Z] (a segmentation, dilated by two voxels) when given, and
+    minus the voxels where the smoothed map exceeds the background's mean by ``threshold_sd``
+    noise sd (dilated likewise), found by a few fixed-point iterations from the whole brain.
+
+    With the map clamped at 0, x = clamp(b + σz, 0, 1) has the quantile b + σ Φ⁻¹(q) for every q
+    above the clamped fraction, so two such quantiles give σ and b whatever the share of zeros
+    (an unclamped map works the same way). ``values``, ``brain`` [X, Y, Z]. Returns None when
+    fewer than ``min_voxels`` background voxels remain or the background is all zeros (a
+    noise-free map: the configured model applies).
+    """
+    x = values.to(torch.float64)
+    brain = brain.to(torch.bool)
+
+    def dilate(m: Tensor) -> Tensor:
+        return F.max_pool3d(m[None, None].to(torch.float32), 5, stride=1, padding=2)[0, 0] > 0.5
+
+    marked = dilate(mask.to(device=x.device) > 0.5) if mask is not None else torch.zeros_like(brain)
+    tumour = marked
+    estimate: MapNoise | None = None
+    for _ in range(max(1, iterations)):
+        background = x[brain & ~tumour]
+        if background.numel() < min_voxels:
+            return estimate
+        p0 = float((background <= 0.0).to(torch.float64).mean())
+        if p0 >= 0.98:
+            return None
+        qs = torch.tensor([p0 + (1.0 - p0) * q for q in _NOISE_QUANTILES], dtype=torch.float64)
+        lo, hi = torch.quantile(background, qs.to(background.device)).tolist()
+        zlo, zhi = (float(torch.special.ndtri(q)) for q in qs)
+        sd = (hi - lo) / (zhi - zlo)
+        if not sd > 0.0:
+            return None
+        estimate = MapNoise(offset=lo - sd * zlo, sd=sd)
+        # Where the smoothed map stands out of the background: smoothing shrinks the noise
+        # about fourfold (the 3-D binomial kernel's L2 norm is 0.23), so one sd above the
+        # background's mean is ~4 smoothed sd.
+        signal = smooth_study(values, brain).to(torch.float64) >= float(background.mean()) + threshold_sd * sd
+        # A segmentation misses the infiltrative tail that the map may still show.
+        tumour = marked | dilate(signal & brain)
+    return estimate
+
+
 def smooth_study(values: Tensor, brain: Tensor) -> Tensor:
     """Binomial [1, 2, 1]/4 smoothing per axis of a study [X, Y, Z] inside the brain: the voxel
     noise of a density map drops about fourfold while a tumour of a few voxels keeps most of its
@@ -191,36 +274,70 @@ def _thin(index: Tensor, cap: int) -> Tensor:
     return index[pick]
 
 
+def clamped_mean(noise: NoiseModel) -> float:
+    """E[clamp(b + e, 0, 1)] for e ~ N(0, sd²): what a map shows where there is no tumour."""
+    m = torch.tensor(float(noise.density_offset), dtype=torch.float64)
+    if noise.density_sd <= 0:
+        return float(m.clamp(0.0, 1.0))
+    return float(_positive_part_mean(m, noise.density_sd) - _positive_part_mean(m - 1.0, noise.density_sd))
+
+
 def compact_imaging(obs: ImagingObservation, brain: Tensor,
-                    selection: VoxelSelection = VoxelSelection()) -> CompactImaging:
+                    selection: VoxelSelection = VoxelSelection(), noise: NoiseModel = NoiseModel()) -> CompactImaging:
     """The analysis form of a study: a density map if present, else a segmentation, else the
     measured volume. One channel only: the segmentation and the volume are derived from the same
     image as the density map, so using them as well would count one measurement several times.
     ``brain`` [X, Y, Z] bool: the twin's tissue mask (the study must be on the twin's grid).
+
+    A density map's noise is estimated from its own background (``estimate_map_noise``, the
+    segmentation marking the tumour when the study has one) and kept with it; where it is
+    noisier or biased against ``noise``, the signal threshold of the voxel selection moves with
+    the background's mean and spread, so the noise floor is not selected as tumour.
     """
     shape = obs.shape or tuple(int(n) for n in brain.shape)
     if tuple(shape) != tuple(brain.shape):
         raise ValueError(f"study grid {shape} differs from the twin's {tuple(brain.shape)}")
-    volume = obs.tumor_volume_ml
-    if volume is None:
+    voxel_ml = math.prod(float(h) for h in obs.spacing_mm) / 1000.0
+    common: dict = dict(event_id=obs.event_id, patient_id=obs.patient_id, time=obs.time,
+                        spacing_mm=tuple(float(h) for h in obs.spacing_mm), tumor_volume_ml=obs.tumor_volume_ml)
+    if obs.segmentation is not None and common["tumor_volume_ml"] is None:
         # The visible volume the study shows, for the parameter stage of the analysis.
-        voxel_ml = math.prod(float(h) for h in obs.spacing_mm) / 1000.0
-        if obs.segmentation is not None:
-            volume = float((as_tensor(obs.segmentation) > 0.5).sum()) * voxel_ml
-        elif obs.density is not None:
-            volume = float((as_tensor(obs.density) >= VISIBLE_THRESHOLD).sum()) * voxel_ml
-    common = dict(event_id=obs.event_id, patient_id=obs.patient_id, time=obs.time,
-                  spacing_mm=tuple(float(h) for h in obs.spacing_mm), tumor_volume_ml=volume)
+        common["tumor_volume_ml"] = float((as_tensor(obs.segmentation) > 0.5).sum()) * voxel_ml
     for channel, payload in (("density", obs.density), ("segmentation", obs.segmentation)):
         if payload is None:
             continue
         values = as_tensor(payload).to(device=brain.device, dtype=torch.float32)
-        threshold = selection.signal_threshold if channel == "density" else 0.1
+        threshold = 0.1
+        if channel == "density":
+            mask = as_tensor(obs.segmentation).to(brain.device) if obs.segmentation is not None else None
+            found = estimate_map_noise(values, brain, mask)
+            if found is not None:
+                common.update(noise_sd=float(found.sd), noise_offset=float(found.offset))
+            threshold = _signal_threshold(selection.signal_threshold, noise, found)
+            if common["tumor_volume_ml"] is None:
+                # Counted where the map stands out of its noise only: over a whole brain a
+                # noise floor crosses the visibility threshold in thousands of voxels.
+                shows = (values - common.get("noise_offset", 0.0) >= VISIBLE_THRESHOLD) & brain
+                near = F.max_pool3d((smooth_study(values, brain) >= threshold)[None, None].to(torch.float32),
+                                    3, stride=1, padding=1)[0, 0] > 0.5
+                common["tumor_volume_ml"] = float((shows & near).sum()) * voxel_ml
         sel = VoxelSelection(threshold, selection.margin, selection.background_stride, selection.max_obs)
         index = select_voxels(values, brain, sel)
         return CompactImaging(channel=channel, shape=tuple(shape), index=index.cpu(),
                               values=values.flatten()[index].cpu(), **common)
     return CompactImaging(channel="volume", shape=tuple(shape), **common)
+
+
+def _signal_threshold(configured: float, noise: NoiseModel, found: MapNoise | None) -> float:
+    """The selection threshold for a map whose noise is ``found``: ``configured`` is set for the
+    configured ``noise``; a noisier or offset background moves it by the change of the
+    background's mean plus the threshold's margin above that mean scaled by the sd."""
+    if found is None:
+        return configured
+    study = replace(noise, density_sd=max(noise.density_sd, found.sd), density_offset=found.offset)
+    base = clamped_mean(noise)
+    scale = study.density_sd / noise.density_sd if noise.density_sd > 0 else 1.0
+    return clamped_mean(study) + (configured - base) * scale
 
 
 def _locations(index: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -253,12 +370,13 @@ def density_operator(u: Tensor, index: Tensor, values: Tensor, noise: NoiseModel
     sd/sqrt(2π) (0.02 for sd 0.05), and hundreds of such background voxels compared with
     HX = u would read as tumour everywhere and drive the diffusivity up. So HX is the exact
     mean of the clamped measurement, E[clamp(u + e, 0, 1)] = g(u) - g(u - 1) with
-    g(m) = E[max(0, m + e)]; r = sd² (an upper bound of the clamped variance).
+    g(m) = E[max(0, m + e)]; r = sd² (an upper bound of the clamped variance). A map with a
+    background offset b (``noise.density_offset``) reads clamp(u + b + e, 0, 1).
     """
     index = index.to(u.device)
     y = values.to(device=u.device, dtype=u.dtype)
     r = torch.full_like(y, noise.density_sd ** 2)
-    x = _gather(u, index)
+    x = _gather(u, index) + noise.density_offset
     sd = noise.density_sd
     hx = _positive_part_mean(x, sd) - _positive_part_mean(x - 1.0, sd) if sd > 0 else x.clamp(0.0, 1.0)
     return ObsBlock(hx, y, r, _locations(index, u.shape[2:], u.dtype))

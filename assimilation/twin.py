@@ -61,6 +61,7 @@ from .operators import (
     ctdna_operator,
     density_operator,
     density_sum_operator,
+    estimate_map_noise,
     marker_operator,
     profile_operator,
     segmentation_operator,
@@ -311,20 +312,35 @@ def _smooth_noise(n: int, shape: Sequence[int], g: torch.Generator, dtype, devic
     return up.to(dtype=dtype, device=device)
 
 
-def _observed_density(imaging: ImagingObservation, brain: Tensor, dtype, noise_sd: float) -> Tensor:
+def _observed_density(imaging: ImagingObservation, brain: Tensor, dtype, noise: NoiseModel) -> Tensor:
     """A denoised density map [X, Y, Z] from the study, so that background noise is not
-    mistaken for tumour and left to grow: the map's values of at least 2 noise sd, within one
-    voxel of where its smoothed version is clearly (~4 smoothed-noise sd) above the noise. On
-    the virtual cohort this keeps the burden of the true field within ~15 %, where the raw map
-    holds ~10 times too much (positive clamped noise everywhere). A study with only a
-    segmentation gives 0.5 (a middle guess above the visibility threshold) on its mask."""
+    mistaken for tumour and left to grow. The map's noise (offset b, sd σ) is read off its own
+    background (``operators.estimate_map_noise``; σ never below the configured one); the
+    map less b keeps its values of at least twice the configured sd, within one voxel of where
+    its smoothed version is clearly (~4 smoothed-noise σ) above the noise, and, when the study has a segmentation,
+    within two voxels of it. On the virtual cohort this keeps the burden of the true field
+    within ~15 %, where the raw map holds ~10 times too much (positive clamped noise
+    everywhere). A study with only a segmentation gives 0.5 (a middle guess above the
+    visibility threshold) on its mask."""
+    seg = None
+    if imaging.segmentation is not None:
+        seg = (as_tensor(imaging.segmentation).to(device=brain.device) > 0.5) & brain
     if imaging.density is not None:
-        d = as_tensor(imaging.density).to(device=brain.device, dtype=dtype).clamp(0.0, 1.0) * brain
-        support = smooth_study(d, brain) >= noise_sd
-        d = d * (d >= 2.0 * noise_sd)
-    elif imaging.segmentation is not None:
-        seg = as_tensor(imaging.segmentation).to(device=brain.device, dtype=dtype) > 0.5
-        d = 0.5 * (seg & brain).to(dtype)
+        raw = as_tensor(imaging.density).to(device=brain.device, dtype=dtype)
+        found = estimate_map_noise(raw, brain, seg)
+        sd, offset = noise.density_sd, noise.density_offset
+        if found is not None:
+            sd, offset = max(sd, found.sd), found.offset
+        d = (raw - offset).clamp(0.0, 1.0) * brain
+        support = smooth_study(d, brain) >= sd
+        # The cut stays at twice the configured sd: where the support already excludes the
+        # noise floor, a cut at twice a larger estimated sd would drop the tumour's tail
+        # (a third of the burden at sd 0.15).
+        d = d * (d >= 2.0 * noise.density_sd)
+        if seg is not None:
+            support &= F.max_pool3d(seg[None, None].to(dtype), 5, stride=1, padding=2)[0, 0] > 0.5
+    elif seg is not None:
+        d = 0.5 * seg.to(dtype)
         support = seg
     else:
         raise ValueError("a twin starts from a study with a density map or a segmentation")
@@ -364,7 +380,7 @@ def init_twin(patient_id: str, imaging: ImagingObservation, n_members: int, prio
     log_params = torch.stack([drawn[n].log() for n in PARAM_NAMES], dim=1).to(dtype=dtype, device=device)
 
     g_init = torch.Generator().manual_seed(hash_seed(patient_id, "init", imaging.event_id))
-    d = _observed_density(imaging, brain, dtype, config.noise.density_sd)
+    d = _observed_density(imaging, brain, dtype, config.noise)
     z = _smooth_noise(n_members, grid.shape, g_init, dtype, device)
     s = config.init_log_sd
     c = config.init_tail * torch.rand(n_members, generator=g_init, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -447,7 +463,7 @@ def present(twin: PatientTwin, imaging: ImagingObservation, config: TwinConfig |
     """
     config = config or TwinConfig()
     study = compact(imaging, twin, config)
-    d = _observed_density(imaging, twin.brain, twin.u.dtype, config.noise.density_sd)
+    d = _observed_density(imaging, twin.brain, twin.u.dtype, config.noise)
     seed = presentation_seed(d, twin.brain, twin.grid, config.presentation_seed_mm)
     volume = study.tumor_volume_ml if study.tumor_volume_ml is not None else float(
         (d >= VISIBLE_THRESHOLD).sum()) * twin.grid.voxel_volume_ml
@@ -537,7 +553,7 @@ def compact(obs: ObservationBase, twin: PatientTwin, config: TwinConfig | None =
     ``CompactImaging`` (selected voxels only); everything else is already compact."""
     config = config or TwinConfig()
     if isinstance(obs, ImagingObservation):
-        return compact_imaging(obs, twin.brain, config.selection)
+        return compact_imaging(obs, twin.brain, config.selection, config.noise)
     return obs
 
 
@@ -589,9 +605,10 @@ def _summary_blocks(twin: PatientTwin, items: Sequence[CompactImaging], config: 
         if o.tumor_volume_ml is not None:
             blocks.append(volume_operator(u, torch.tensor([float(o.tumor_volume_ml)]), voxel_ml, config.noise))
         if o.channel == "density":
-            blocks.append(density_sum_operator(u, o.index[None], o.values[None], voxel_ml, config.noise))
+            noise = o.noise_model(config.noise)
+            blocks.append(density_sum_operator(u, o.index[None], o.values[None], voxel_ml, noise))
             if config.profile_shells > 0:
-                blocks.append(profile_operator(u, o.index[None], o.values[None], twin.grid.spacing, config.noise,
+                blocks.append(profile_operator(u, o.index[None], o.values[None], twin.grid.spacing, noise,
                                                config.profile_shells))
     return blocks
 
@@ -601,7 +618,7 @@ def _voxel_blocks(twin: PatientTwin, items: Sequence[CompactImaging], config: Tw
     blocks = []
     for o in items:
         if o.channel == "density":
-            blocks.append(density_operator(u, o.index[None], o.values[None], config.noise))
+            blocks.append(density_operator(u, o.index[None], o.values[None], o.noise_model(config.noise)))
         elif o.channel == "segmentation":
             blocks.append(segmentation_operator(u, o.index[None], o.values[None], config.noise))
     return blocks
