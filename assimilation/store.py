@@ -37,6 +37,7 @@ from safetensors.torch import save as st_save
 from models.grid import Grid
 from models.priors import LogNormal, TumorPrior
 
+from .calibration import PredictiveCheck
 from .observations import (
     CtdnaObservation,
     ImagingObservation,
@@ -205,6 +206,7 @@ def encode_twin(twin: PatientTwin) -> bytes:
         "model_version": twin.model_version,
         "filter_version": twin.filter_version,
         "n_analyses": twin.n_analyses,
+        "checks": [asdict(c) for c in twin.checks],
     }
     tensors = {"u": twin.u, "log_params": twin.log_params, "tissue": twin.tissue.to(torch.uint8)}
     return _pack(tensors, meta)
@@ -233,6 +235,7 @@ def decode_twin(data: bytes, device: torch.device | str | None = None) -> Patien
         model_version=meta["model_version"],
         filter_version=meta["filter_version"],
         n_analyses=int(meta["n_analyses"]),
+        checks=tuple(PredictiveCheck(**c) for c in meta.get("checks", ())),  # absent before checks existed
     )
 
 

@@ -51,6 +51,7 @@ from .observations import (
     TreatmentEvent,
     as_tensor,
 )
+from .calibration import PredictiveCheck, checks_of
 from .operators import (
     CompactImaging,
     NoiseModel,
@@ -97,6 +98,9 @@ __all__ = [
 MODEL_VERSION = "reaction-diffusion-3d/imex/1"
 
 #: Log-parameters carried in the state, in state order (names as in models.priors.TumorPrior).
+# Predictive checks a twin keeps (per-patient calibration over roughly its last few years).
+MAX_CHECKS = 500
+
 PARAM_NAMES: tuple[str, ...] = ("D", "rho", "alpha", "k_chemo", "marker_shedding", "ctdna_shedding")
 
 #: A planned treatment is superseded by a delivered one of the same kind this close (days).
@@ -198,6 +202,8 @@ class PatientTwin:
     applied:     event ids in the order they were applied (idempotency record).
     origin_event_id: the imaging study the twin was started from; started_at its time (days).
     last_analysis: days of the latest analysis (None before the first).
+    checks:      the predictive checks of its analyses, oldest first (the last ``MAX_CHECKS``):
+                 how each observation fell in the twin's prediction of it (``calibration``).
     """
 
     patient_id: str
@@ -218,6 +224,7 @@ class PatientTwin:
     model_version: str = MODEL_VERSION
     filter_version: str = ""
     n_analyses: int = 0
+    checks: tuple[PredictiveCheck, ...] = ()
 
     @property
     def n_members(self) -> int:
@@ -247,8 +254,9 @@ class PatientTwin:
 @dataclass(frozen=True)
 class AnalysisRecord:
     """One analysis: when, which events, how many observations were used / rejected, the
-    normalized innovation rms (≈1 when the ensemble and noise model are consistent) and the
-    log-parameter spread before and after."""
+    normalized innovation rms (≈1 when the ensemble and noise model are consistent), the
+    log-parameter spread before and after, and the predictive check of each scalar observed
+    (made before the analysis)."""
 
     t_days: float
     event_ids: tuple[str, ...]
@@ -258,6 +266,7 @@ class AnalysisRecord:
     normalized_innovation_rms: float
     param_spread_prior: float
     param_spread_analysis: float
+    checks: tuple[PredictiveCheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -722,6 +731,7 @@ def _analyse(twin: PatientTwin, items: Sequence[ObservationBase], analyser: Anal
     ids = sorted(o.event_id for o in items)
     scalars = [o for o in items if not isinstance(o, CompactImaging)]
     studies = [o for o in items if isinstance(o, CompactImaging)]
+    checks = _predictive_checks(twin, scalars, studies, config)
     prior_lp = twin.log_params
     # The parameters have no model error to keep their spread: optional inflation before,
     # relaxation to the prior spread after.
@@ -745,11 +755,31 @@ def _analyse(twin: PatientTwin, items: Sequence[ObservationBase], analyser: Anal
         t_days=twin.clock, event_ids=tuple(ids), n_obs=stats.n_obs, n_used=stats.n_used,
         n_rejected=stats.n_rejected, normalized_innovation_rms=stats.rms(),
         param_spread_prior=float(spread(prior_lp[None])[0]), param_spread_analysis=float(spread(lp_a[None])[0]),
+        checks=tuple(checks),
     )
     new = replace(twin, u=work.u, log_params=lp_a, n_analyses=twin.n_analyses + 1, last_analysis=twin.clock,
                   applied=(*twin.applied, *[o.event_id for o in items]),
-                  filter_version=describe_filter(analyser, config))
+                  filter_version=describe_filter(analyser, config),
+                  checks=(*twin.checks, *checks)[-MAX_CHECKS:])
     return new, record
+
+
+def _predictive_checks(twin: PatientTwin, scalars: Sequence[ObservationBase], studies: Sequence[CompactImaging],
+                       config: TwinConfig) -> list[PredictiveCheck]:
+    """How each scalar about to be analysed falls in the prior's prediction of it: markers,
+    ctDNA and each study's visible volume (``calibration.pit``; exact, no draws)."""
+    checks: list[PredictiveCheck] = []
+    observed = [o for o in scalars if isinstance(o, (MarkerObservation, CtdnaObservation))]
+    for o, block in zip(observed, _scalar_blocks(twin, observed, config)):
+        name = f"marker:{o.code}" if isinstance(o, MarkerObservation) else "ctdna_tumor_fraction"
+        checks += checks_of([name], block.HX, block.y, block.r_var, twin.clock, [o.event_id])
+    voxel_ml = twin.grid.voxel_volume_ml
+    for study in studies:
+        if study.tumor_volume_ml is None:
+            continue
+        block = volume_operator(twin.u[None], torch.tensor([float(study.tumor_volume_ml)]), voxel_ml, config.noise)
+        checks += checks_of(["tumor_volume_ml"], block.HX, block.y, block.r_var, twin.clock, [study.event_id])
+    return checks
 
 
 def _centre_index(u: Tensor, brain: Tensor) -> Tensor:
