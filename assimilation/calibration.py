@@ -32,6 +32,8 @@ __all__ = [
     "Calibration",
     "PredictiveCheck",
     "binomial_cdf",
+    "mixture_quantiles",
+    "model_error_rate",
     "pit",
     "summarize",
 ]
@@ -47,12 +49,20 @@ class PredictiveCheck:
     quantity: what was observed ("tumor_volume_ml", "marker:<LOINC>", "ctdna_tumor_fraction").
     t_days:   when (twin days); event_id: the observation's.
     pit:      P(prediction ≤ observation) under the predictive mixture, in [0, 1].
+    In the log space of the quantity (``log_space``): innovation (observed minus the members'
+    mean), spread_var (the members' variance), r_var (the observation's error variance), and
+    dt_days, the days the prediction was made over (since the previous analysis; 0 when none):
+    what ``model_error_rate`` learns from.
     """
 
     quantity: str
     t_days: float
     event_id: str
     pit: float
+    innovation: float = 0.0
+    spread_var: float = 0.0
+    r_var: float = 0.0
+    dt_days: float = 0.0
 
     @property
     def inside(self) -> bool:
@@ -118,7 +128,63 @@ def summarize(checks: Iterable[PredictiveCheck], *, min_checks: int = 5, alpha: 
 
 
 def checks_of(quantities: Sequence[str], hx: Tensor, y: Tensor, r_var: Tensor, t_days: float,
-              event_ids: Sequence[str]) -> list[PredictiveCheck]:
-    """One check per observation of a block with one patient: hx [1, N, m], y, r_var [1, m]."""
+              event_ids: Sequence[str], dt_days: float = 0.0) -> list[PredictiveCheck]:
+    """One check per observation of a block with one patient, in the quantity's log space:
+    hx [1, N, m], y, r_var [1, m]."""
     values = pit(hx[0], y[0], r_var[0]).tolist()
-    return [PredictiveCheck(q, float(t_days), e, float(v)) for q, e, v in zip(quantities, event_ids, values)]
+    h = hx[0].to(torch.float64)
+    d = (y[0].to(torch.float64) - h.mean(0)).tolist()
+    s2 = h.var(0, unbiased=True).tolist() if h.shape[0] > 1 else [0.0] * len(d)
+    r = r_var[0].to(torch.float64).tolist()
+    return [PredictiveCheck(q, float(t_days), e, float(v), float(di), float(si), float(ri), float(dt_days))
+            for q, e, v, di, si, ri in zip(quantities, event_ids, values, d, s2, r)]
+
+
+# Log-space offsets: volumes (mL) are compared as log(V + c) so that a tumour that vanishes
+# does not make the log diverge; the marker and ctDNA operators already work in log space.
+VOLUME_LOG_OFFSET_ML = 0.5
+
+
+def model_error_rate(checks: Iterable[PredictiveCheck], prior_rate: float, prior_days: float) -> float:
+    """The growth rate q (log-space variance per day) of the error the twin's model makes.
+
+    Between analyses the truth drifts from every member in ways the model cannot represent;
+    if that error grows like a random walk, an innovation over dt days has
+    E[d²] = s² + r + q·dt (s² the members' spread, r the observation's error variance). The
+    moment estimate from the checks is shrunk to ``prior_rate`` with the weight of
+    ``prior_days`` of predictions (a few checks cannot tell q alone):
+
+        q = max(0, (Σ (d² − s² − r) + prior_rate · prior_days) / (Σ dt + prior_days)).
+    """
+    excess, days = prior_rate * prior_days, prior_days
+    for c in checks:
+        if c.dt_days > 0:
+            excess += c.innovation ** 2 - c.spread_var - c.r_var
+            days += c.dt_days
+    return max(0.0, excess / days) if days > 0 else 0.0
+
+
+def mixture_quantiles(centres: Tensor, var: Tensor, qs: Sequence[float], iterations: int = 60) -> Tensor:
+    """Quantiles of the equal-weight Gaussian mixture (1/N) Σ_i N(centres_i, var).
+
+    centres [..., N]; var [...] (> 0 where it matters: with 0 the mixture is the members'
+    point masses, whose quantiles are steps); returns [..., len(qs)]. Bisection on the mixture
+    CDF over [min − 8σ, max + 8σ]: monotone, exact to 2^-iterations of the range.
+    Used to dress an ensemble forecast with the model error it cannot carry (Roulston & Smith
+    2003; Wang & Bishop 2005)."""
+    c = centres.to(torch.float64)
+    sd = var.to(torch.float64).clamp_min(0.0).sqrt()[..., None]  # [..., 1]
+    lo = c.min(-1, keepdim=True).values - 8.0 * sd - 1e-9
+    hi = c.max(-1, keepdim=True).values + 8.0 * sd + 1e-9
+    q = torch.tensor(list(qs), dtype=torch.float64, device=c.device)
+    shape = (*c.shape[:-1], q.numel())
+    lo, hi = lo.expand(shape).clone(), hi.expand(shape).clone()
+    safe = sd.clamp_min(1e-300)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        z = (mid[..., :, None] - c[..., None, :]) / safe[..., None]
+        cdf = torch.where(sd[..., None] > 0, torch.special.ndtr(z), (z >= 0).to(torch.float64)).mean(-1)
+        below = cdf < q
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)

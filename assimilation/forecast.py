@@ -27,6 +27,7 @@ from models.tissue import diffusion_weight
 from models.treatment import Schedule
 from schemas.times import format_time
 
+from .calibration import VOLUME_LOG_OFFSET_ML, mixture_quantiles, model_error_rate, summarize
 from .observations import TreatmentEvent
 from .twin import PARAM_NAMES, PatientTwin, TreatmentRecord, TwinConfig, effective_treatments, member_params
 
@@ -53,6 +54,10 @@ class Forecast:
     prob_visible:   [S, H, X, Y, Z] fraction of members with u >= VISIBLE_THRESHOLD.
     params:         log-parameter name -> [3] quantiles of the parameter itself (not its log).
     based_on_events: the event ids the twin had applied.
+    calibration:    per observed quantity (and "all"), how the twin's predictions covered its
+                    own observations so far (``calibration.Calibration.to_json``).
+    model_error:    per quantity group, the learnt log-space model-error variance per day the
+                    intervals are dressed with.
     """
 
     patient_id: str
@@ -73,6 +78,8 @@ class Forecast:
     quantiles: tuple[float, ...] = QUANTILES
     marker_unit: str | None = None
     grid_spacing_mm: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
+    calibration: dict[str, dict] = field(default_factory=dict)
+    model_error: dict[str, float] = field(default_factory=dict)
 
     def valid_at(self, horizon_days: float) -> datetime:
         return self.issued_for + timedelta(days=horizon_days)
@@ -119,7 +126,9 @@ class Forecast:
                 "members": self.n_members,
                 "scenario": scenario,
                 "horizons": horizons,
-                "diagnostics": {"parameters": {k: _q(v) for k, v in self.params.items()}},
+                "diagnostics": {"parameters": {k: _q(v) for k, v in self.params.items()},
+                                "calibration": self.calibration,
+                                "model_error_per_day": self.model_error},
             })
         return records
 
@@ -160,6 +169,31 @@ def _scenario_treatments(twin: PatientTwin, plan: Sequence[TreatmentEvent] | Non
 def _quantiles(x: Tensor, dim: int) -> Tensor:
     q = torch.tensor(QUANTILES, dtype=x.dtype, device=x.device)
     return torch.quantile(x, q, dim=dim).movedim(0, -1)
+
+
+def model_error_rates(twin: PatientTwin, config: TwinConfig) -> dict[str, float]:
+    """Per quantity group, the log-space variance per day of the twin's model error, learnt
+    from its predictive checks (``calibration.model_error_rate``)."""
+    prior = dict(config.model_error_prior)
+    group = lambda q: "marker" if q.startswith("marker:") else q  # noqa: E731
+    return {g: model_error_rate((c for c in twin.checks if group(c.quantity) == g), rate,
+                                config.model_error_prior_days)
+            for g, rate in prior.items()}
+
+
+def _dressed(x: Tensor, var: Tensor, log_offset: float) -> Tensor:
+    """[S, H, 3] quantiles of members x [S, H, N] (positive quantities), each member dressed
+    with log-normal model error of log-variance ``var`` [H]: quantiles of the mixture
+    (1/N) Σ N(log(x_i + c), var) mapped back, c = ``log_offset``. Undressed (var 0): the
+    members' own quantiles."""
+    if not bool((var > 0).any()):
+        return _quantiles(x, dim=2)
+    c = log_offset
+    centres = (x.to(torch.float64) + c).clamp_min(1e-300).log()
+    q = mixture_quantiles(centres, var[None, :].expand(x.shape[0], -1), QUANTILES)
+    dressed = (q.exp() - c).clamp_min(0.0).to(x.dtype)
+    # Horizons without model error keep the members' quantiles exactly.
+    return torch.where((var > 0)[None, :, None], dressed, _quantiles(x, dim=2))
 
 
 def forecast(twin: PatientTwin, horizons: Sequence[float] = DEFAULT_HORIZONS,
@@ -237,20 +271,35 @@ def forecast_batch(twins: Sequence[PatientTwin], horizons: Sequence[float] = DEF
         prob.append(u >= VISIBLE_THRESHOLD)
 
     out, start = [], 0
+    h_days = torch.tensor(hs, dtype=torch.float64, device=device)
     for twin, scen, (S, N) in zip(twins, names, sizes):
         rows = slice(start, start + S * N)
         start += S * N
         baseline = torch.tensor(twin.prior.marker_baseline, dtype=dtype, device=device)
-        per = lambda xs: _quantiles(torch.stack([x[rows].reshape(S, N) for x in xs], dim=1), dim=2)  # noqa: E731
+        rates = model_error_rates(twin, config)
+        per = lambda xs, group, log_offset=0.0: _dressed(  # noqa: E731  (xs: this patient's rows)
+            torch.stack([x.reshape(S, N) for x in xs], dim=1), rates[group] * h_days, log_offset)
         markers = [marker_level(b[rows], marker_s[rows], baseline) for b in bur]  # per-patient baseline
         out.append(Forecast(
             patient_id=twin.patient_id, issued_for=twin.time, horizons_days=hs, scenarios=tuple(scen),
-            volume_ml=per(vol), burden_ml=per(bur), ctdna_fraction=per(ct),
-            marker=_quantiles(torch.stack([m.reshape(S, N) for m in markers], dim=1), dim=2),
+            volume_ml=per([v[rows] for v in vol], "tumor_volume_ml", VOLUME_LOG_OFFSET_ML),
+            burden_ml=per([b[rows] for b in bur], "tumor_volume_ml", VOLUME_LOG_OFFSET_ML),
+            ctdna_fraction=per([c[rows] for c in ct], "ctdna_tumor_fraction").clamp(max=1.0),
+            marker=per(markers, "marker"),
             prob_visible=torch.stack([x[rows].to(dtype).reshape(S, N, *grid.shape).mean(dim=1) for x in prob], dim=1),
             params={n: _quantiles(twin.log_params[:, k].exp(), dim=0) for k, n in enumerate(PARAM_NAMES)},
             n_members=N, based_on_events=twin.applied, marker_code=twin.marker_code,
             model_version=twin.model_version, filter_version=twin.filter_version, marker_unit=twin.marker_unit,
-            grid_spacing_mm=grid.spacing,
+            grid_spacing_mm=grid.spacing, calibration=calibration_of(twin.checks), model_error=rates,
         ))
+    return out
+
+
+def calibration_of(checks) -> dict[str, dict]:
+    """Per quantity and over all, the running calibration of a twin's predictive checks."""
+    by: dict[str, list] = {}
+    for c in checks:
+        by.setdefault(c.quantity, []).append(c)
+    out = {q: summarize(cs).to_json() for q, cs in sorted(by.items())}
+    out["all"] = summarize(checks).to_json()
     return out

@@ -51,7 +51,7 @@ from .observations import (
     TreatmentEvent,
     as_tensor,
 )
-from .calibration import PredictiveCheck, checks_of
+from .calibration import VOLUME_LOG_OFFSET_ML, PredictiveCheck, checks_of
 from .operators import (
     CompactImaging,
     NoiseModel,
@@ -166,6 +166,12 @@ class TwinConfig:
                        LETKF with Gaspari-Cohn localization of this radius (mm) over blocks of
                        this many voxels per edge, with the given filter's inflation / RTPS /
                        outlier settings; None runs it with the given filter, unlocalized.
+    model_error_prior, model_error_prior_days: the error the model makes between analyses,
+                       as a log-space variance per day per quantity ("tumor_volume_ml" also
+                       serves the burden, "marker" every marker), learnt per twin from its own
+                       predictive checks (``calibration.model_error_rate``) with this prior,
+                       weighted as this many days of predictions; forecasts are dressed with it
+                       (their intervals widen with the horizon as the model's error grows).
     """
 
     dt_days: float = 1.0
@@ -186,6 +192,9 @@ class TwinConfig:
     profile_shells: int = 0
     localization_radius_mm: float | None = 20.0
     localization_block: int = 2
+    model_error_prior: tuple[tuple[str, float], ...] = (("tumor_volume_ml", 0.0), ("marker", 0.0),
+                                                         ("ctdna_tumor_fraction", 0.0))
+    model_error_prior_days: float = 90.0
     model_version: str = MODEL_VERSION
 
 
@@ -769,16 +778,20 @@ def _predictive_checks(twin: PatientTwin, scalars: Sequence[ObservationBase], st
     """How each scalar about to be analysed falls in the prior's prediction of it: markers,
     ctDNA and each study's visible volume (``calibration.pit``; exact, no draws)."""
     checks: list[PredictiveCheck] = []
+    dt = twin.clock - twin.last_analysis if twin.last_analysis is not None else 0.0
     observed = [o for o in scalars if isinstance(o, (MarkerObservation, CtdnaObservation))]
     for o, block in zip(observed, _scalar_blocks(twin, observed, config)):
         name = f"marker:{o.code}" if isinstance(o, MarkerObservation) else "ctdna_tumor_fraction"
-        checks += checks_of([name], block.HX, block.y, block.r_var, twin.clock, [o.event_id])
+        checks += checks_of([name], block.HX, block.y, block.r_var, twin.clock, [o.event_id], dt)
     voxel_ml = twin.grid.voxel_volume_ml
+    c = VOLUME_LOG_OFFSET_ML
     for study in studies:
         if study.tumor_volume_ml is None:
             continue
         block = volume_operator(twin.u[None], torch.tensor([float(study.tumor_volume_ml)]), voxel_ml, config.noise)
-        checks += checks_of(["tumor_volume_ml"], block.HX, block.y, block.r_var, twin.clock, [study.event_id])
+        # In log(V + c), with the volume's error variance carried over to first order.
+        checks += checks_of(["tumor_volume_ml"], (block.HX + c).log(), (block.y + c).log(),
+                            block.r_var / (block.y + c) ** 2, twin.clock, [study.event_id], dt)
     return checks
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from assimilation.calibration import PredictiveCheck, binomial_cdf, pit, summarize
+from assimilation.calibration import PredictiveCheck, binomial_cdf, mixture_quantiles, model_error_rate, pit, summarize
 from assimilation.filters.etkf import ETKF
 from assimilation.observations import ImagingObservation, MarkerObservation
 from assimilation.store import decode_twin, encode_twin
@@ -89,3 +89,74 @@ def test_a_twin_fed_observations_its_model_cannot_explain_is_flagged(events):
     honest, _ = assimilate(honest, [o for o in events if o.time > first.time], ETKF())
     assert summarize(c for c in honest.checks if c.quantity.startswith("marker:")).coverage > \
         summarize(markers).coverage
+
+
+def test_mixture_quantiles_invert_the_mixture_cdf():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    var = torch.tensor([0.01, 0.5, 4.0], dtype=torch.float64)
+    qs = (0.025, 0.5, 0.975)
+    q = mixture_quantiles(centres, var, qs)
+    for b in range(3):
+        for k, level in enumerate(qs):
+            cdf = stats.norm.cdf(float(q[b, k]), centres[b].numpy(), math.sqrt(float(var[b]))).mean()
+            assert cdf == pytest.approx(level, abs=1e-9)
+    # one member: the Gaussian's own quantiles
+    one = mixture_quantiles(torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([0.25], dtype=torch.float64), qs)
+    assert one[0].tolist() == pytest.approx([1.0 + 0.5 * stats.norm.ppf(p) for p in qs], abs=1e-9)
+
+
+def _check(d: float, s2: float, r: float, dt: float) -> PredictiveCheck:
+    return PredictiveCheck("q", 0.0, "e", 0.5, innovation=d, spread_var=s2, r_var=r, dt_days=dt)
+
+
+def test_model_error_rate_recovers_a_random_walk_error():
+    # Innovations of a truth that drifts from the model as a random walk of q = 0.002/day:
+    # E[d²] = s² + r + q dt. With many checks the estimate tends to q whatever the prior.
+    g = torch.Generator().manual_seed(6)
+    q, s2, r = 0.002, 0.01, 0.004
+    dts = 20.0 + 60.0 * torch.rand(4000, generator=g, dtype=torch.float64)
+    d = torch.randn(4000, generator=g, dtype=torch.float64) * (s2 + r + q * dts).sqrt()
+    checks = [_check(float(di), s2, r, float(t)) for di, t in zip(d, dts)]
+    assert model_error_rate(checks, prior_rate=0.0, prior_days=90.0) == pytest.approx(q, rel=0.1)
+    assert model_error_rate(checks, prior_rate=0.05, prior_days=90.0) == pytest.approx(q, rel=0.15)
+    # no checks: the prior; consistent innovations (d² = s² + r): no model error
+    assert model_error_rate([], prior_rate=0.003, prior_days=90.0) == 0.003
+    assert model_error_rate([_check(math.sqrt(s2 + r), s2, r, 30.0)] * 10, 0.0, 90.0) == pytest.approx(0.0, abs=1e-15)
+    # an analysis with no prediction interval before it (dt 0) teaches nothing
+    assert model_error_rate([_check(5.0, 0.0, 0.0, 0.0)], 0.001, 90.0) == pytest.approx(0.001)
+
+
+def test_forecast_intervals_widen_with_the_model_error_the_twin_has_learnt(events):
+    from assimilation.forecast import forecast
+    from assimilation.twin import TwinConfig
+
+    first = next(o for o in events if isinstance(o, ImagingObservation))
+    twin = init_twin(first.patient_id, first, 8)
+    plain = forecast(twin, (30.0, 90.0))
+    rate = 0.004  # log-variance per day: sd 0.35 at 30 days, 0.6 at 90
+    config = TwinConfig(model_error_prior=(("tumor_volume_ml", rate), ("marker", rate), ("ctdna_tumor_fraction", rate)))
+    dressed = forecast(twin, (30.0, 90.0), config=config)
+    for name in ("volume_ml", "burden_ml", "marker"):
+        p, d = getattr(plain, name)[0], getattr(dressed, name)[0]  # [H, 3]
+        assert bool((d[:, 2] - d[:, 0] > p[:, 2] - p[:, 0]).all()), name
+        assert float(d[1, 2] / d[1, 0]) > float(d[0, 2] / d[0, 0]), name  # wider (in ratio) further out
+    # with no learnt error and a zero prior the forecast is the members' own quantiles
+    assert torch.equal(forecast(twin, (30.0, 90.0)).volume_ml, plain.volume_ml)
+
+
+def test_forecast_records_carry_the_twins_calibration(events):
+    from datetime import datetime, timezone
+
+    from assimilation.forecast import forecast
+    from schemas import validate_forecast
+
+    first = next(o for o in events if isinstance(o, ImagingObservation))
+    twin, _ = assimilate(init_twin(first.patient_id, first, 8), [o for o in events if o.time > first.time][:12], ETKF())
+    fc = forecast(twin, (30.0,))
+    record = fc.to_records(datetime(2026, 1, 1, tzinfo=timezone.utc))[0]
+    assert validate_forecast(record) == []
+    cal = record["diagnostics"]["calibration"]
+    assert cal["all"]["checks"] == len(twin.checks) > 0
+    assert sum(cal[q]["checks"] for q in cal if q != "all") == len(twin.checks)
+    assert set(record["diagnostics"]["model_error_per_day"]) == {"tumor_volume_ml", "marker", "ctdna_tumor_fraction"}
