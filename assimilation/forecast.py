@@ -58,6 +58,7 @@ class Forecast:
                     own observations so far (``calibration.Calibration.to_json``).
     model_error:    per quantity group, the learnt log-space model-error variance per day the
                     intervals are dressed with.
+    data_time:      the latest recorded_at of the events applied (``PatientTwin.data_time``).
     """
 
     patient_id: str
@@ -80,6 +81,7 @@ class Forecast:
     grid_spacing_mm: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
     calibration: dict[str, dict] = field(default_factory=dict)
     model_error: dict[str, float] = field(default_factory=dict)
+    data_time: datetime | None = None
 
     def valid_at(self, horizon_days: float) -> datetime:
         return self.issued_for + timedelta(days=horizon_days)
@@ -291,6 +293,7 @@ def forecast_batch(twins: Sequence[PatientTwin], horizons: Sequence[float] = DEF
             n_members=N, based_on_events=twin.applied, marker_code=twin.marker_code,
             model_version=twin.model_version, filter_version=twin.filter_version, marker_unit=twin.marker_unit,
             grid_spacing_mm=grid.spacing, calibration=calibration_of(twin.checks), model_error=rates,
+            data_time=twin.data_time,
         ))
     return out
 

@@ -52,6 +52,7 @@ class ObservationBase:
     event_id: str
     patient_id: str
     time: datetime  # event time (occurred_at), timezone-aware
+    recorded_at: datetime | None = None  # when the source system recorded it (data time), aware
 
     def __post_init__(self) -> None:
         if not self.event_id:
@@ -60,6 +61,9 @@ class ObservationBase:
             raise ValueError("patient_id is required")
         if not isinstance(self.time, datetime) or self.time.utcoffset() is None:
             raise ValueError(f"time must be a timezone-aware datetime, got {self.time!r}")
+        if self.recorded_at is not None and (not isinstance(self.recorded_at, datetime)
+                                             or self.recorded_at.utcoffset() is None):
+            raise ValueError(f"recorded_at must be a timezone-aware datetime, got {self.recorded_at!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

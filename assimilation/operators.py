@@ -298,7 +298,7 @@ def compact_imaging(obs: ImagingObservation, brain: Tensor,
     if tuple(shape) != tuple(brain.shape):
         raise ValueError(f"study grid {shape} differs from the twin's {tuple(brain.shape)}")
     voxel_ml = math.prod(float(h) for h in obs.spacing_mm) / 1000.0
-    common: dict = dict(event_id=obs.event_id, patient_id=obs.patient_id, time=obs.time,
+    common: dict = dict(event_id=obs.event_id, patient_id=obs.patient_id, time=obs.time, recorded_at=obs.recorded_at,
                         spacing_mm=tuple(float(h) for h in obs.spacing_mm), tumor_volume_ml=obs.tumor_volume_ml)
     if obs.segmentation is not None and common["tumor_volume_ml"] is None:
         # The visible volume the study shows, for the parameter stage of the analysis.

@@ -207,6 +207,7 @@ def encode_twin(twin: PatientTwin) -> bytes:
         "filter_version": twin.filter_version,
         "n_analyses": twin.n_analyses,
         "checks": [asdict(c) for c in twin.checks],
+        "data_time": None if twin.data_time is None else twin.data_time.isoformat(),
     }
     tensors = {"u": twin.u, "log_params": twin.log_params, "tissue": twin.tissue.to(torch.uint8)}
     return _pack(tensors, meta)
@@ -236,6 +237,7 @@ def decode_twin(data: bytes, device: torch.device | str | None = None) -> Patien
         filter_version=meta["filter_version"],
         n_analyses=int(meta["n_analyses"]),
         checks=tuple(PredictiveCheck(**c) for c in meta.get("checks", ())),  # absent before checks existed
+        data_time=datetime.fromisoformat(meta["data_time"]) if meta.get("data_time") else None,
     )
 
 

@@ -211,6 +211,8 @@ class PatientTwin:
     applied:     event ids in the order they were applied (idempotency record).
     origin_event_id: the imaging study the twin was started from; started_at its time (days).
     last_analysis: days of the latest analysis (None before the first).
+    data_time:   the latest recorded_at (else event time) of the events applied: how fresh the
+                 data behind the twin are, in the clinic's record, not the wall clock.
     checks:      the predictive checks of its analyses, oldest first (the last ``MAX_CHECKS``):
                  how each observation fell in the twin's prediction of it (``calibration``).
     """
@@ -234,6 +236,7 @@ class PatientTwin:
     filter_version: str = ""
     n_analyses: int = 0
     checks: tuple[PredictiveCheck, ...] = ()
+    data_time: datetime | None = None
 
     @property
     def n_members(self) -> int:
@@ -408,6 +411,7 @@ def init_twin(patient_id: str, imaging: ImagingObservation, n_members: int, prio
     twin = PatientTwin(
         patient_id=patient_id, epoch=epoch, grid=grid, tissue=tissue, u=u, log_params=log_params, clock=clock,
         prior=prior, origin_event_id=imaging.event_id, started_at=clock, applied=(imaging.event_id,),
+        data_time=imaging.recorded_at or imaging.time,
         marker_code=config.marker_code, marker_unit=config.marker_unit, model_version=config.model_version,
         filter_version=filter_version,
     )
@@ -836,6 +840,9 @@ def assimilate(twin: PatientTwin, observations: Sequence[ObservationBase], analy
     ignored: dict[str, str] = {}
     applied: list[str] = []
     records: list[AnalysisRecord] = []
+    if todo:
+        latest = max((o.recorded_at or o.time) for o in todo)
+        twin = replace(twin, data_time=latest if twin.data_time is None else max(twin.data_time, latest))
     k = 0
     while k < len(todo):
         t = todo[k].time

@@ -160,3 +160,21 @@ def test_forecast_records_carry_the_twins_calibration(events):
     assert cal["all"]["checks"] == len(twin.checks) > 0
     assert sum(cal[q]["checks"] for q in cal if q != "all") == len(twin.checks)
     assert set(record["diagnostics"]["model_error_per_day"]) == {"tumor_volume_ml", "marker", "ctdna_tumor_fraction"}
+
+
+def test_a_twin_knows_the_data_time_of_what_it_has_applied(events):
+    from datetime import timedelta
+
+    from assimilation.forecast import forecast
+
+    first = next(o for o in events if isinstance(o, ImagingObservation))
+    later = [o for o in events if o.time > first.time][:6]
+    # recorded a day after they occurred, except one recorded 20 days late
+    stamped = [replace(o, recorded_at=o.time + timedelta(days=20 if k == 2 else 1)) for k, o in enumerate(later)]
+    twin = init_twin(first.patient_id, first, 8)
+    assert twin.data_time == first.time  # no recorded_at: the event time
+    twin, _ = assimilate(twin, stamped, ETKF())
+    expected = max(o.recorded_at for o in stamped)
+    assert twin.data_time == expected
+    assert decode_twin(encode_twin(twin)).data_time == expected
+    assert forecast(twin, (30.0,)).data_time == expected
