@@ -51,7 +51,8 @@ def normalize_event(event: dict[str, Any]) -> dict[str, Any]:
     Measured quantities gain `canonical_value`, `canonical_unit` and `term_iri` next to the
     original `value` and `unit` (kept for provenance): on the body for lab and ctDNA events, on
     `measures.tumor_volume` for imaging, on `dose` for treatments. Imaging and treatment bodies
-    also gain the `term_iri` of their modality or treatment type. The result is the internal,
+    also gain the `term_iri` of their modality or treatment type; a treatment's fraction counts
+    sent as integral numbers (30.0) become ints. The result is the internal,
     normalized form; it no longer validates as a wire event.
     """
     out = _copy_json(validate_or_raise(event))
@@ -70,6 +71,11 @@ def normalize_event(event: dict[str, Any]) -> dict[str, Any]:
     elif kind == "treatment":
         treatment = terms.for_treatment(body["type"])
         body["term_iri"] = treatment.iri
+        for count in ("fraction_number", "fractions_planned"):
+            # JSON Schema's "integer" admits 30.0 (JSON has one number type); a count is an
+            # xsd:integer in RDF. Bounded by the schema, the conversion is exact.
+            if type(body.get(count)) is float:
+                body[count] = int(body[count])
         dose = body.get("dose")
         if dose is not None:
             # Radiation doses become Gy; drug doses (mg, mg/m2, mg/kg) have no common unit.

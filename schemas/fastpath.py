@@ -20,7 +20,7 @@ agreement over examples, every targeted negative and hypothesis-generated docume
   compiled schemas spell `\\s` / `\\S` out as Python's set of 29 characters, and refuse any
   other letter escape (`\\d`, `\\w`, `\\b` ... differ too), which none of our schemas uses.
 - Formats: "date-time" is checked by the same `parse_time` as on the slow path (so a zone-less
-  time or Feb 30 is refused); "uuid" by jsonschema-rs, which agrees with the slow path on every
+  time, Feb 30 or a time before 1970 is refused); "uuid" by jsonschema-rs, which agrees with the slow path on every
   string the canonical-form pattern beside it admits.
 - References: the same six schema files under their `$id`s, and no retrieval: an unknown
   `$ref` fails rather than reaching for the network.

@@ -1,14 +1,15 @@
 """Timestamps on the wire: ISO 8601 / RFC 3339 date-times that always carry a zone offset.
 
 Event time decides the order in which observations reach a twin, so a zone-less time (whose
-instant depends on where it is read) is refused rather than guessed.
+instant depends on where it is read) is refused rather than guessed. So is a time before
+`EARLIEST_TIME`: event times travel as Kafka record timestamps, which must be positive.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 
 from .errors import ContractError
 
@@ -17,6 +18,16 @@ DATETIME_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
 )
 _DATETIME_RE = re.compile(DATETIME_PATTERN.removesuffix("$") + r"\Z")
+
+# Every time the contract accepts must be publishable as a Kafka record timestamp, a positive
+# number of milliseconds since the Unix epoch (the producer refuses 0 and below, and a record
+# that passed validation but cannot be published fails again at every redelivery): the first
+# such millisecond is the earliest time. No clinical event this service keeps a twin from is
+# older. The latest time needs no bound here:
+# four-digit years stay within Kafka's 64-bit timestamps, and the normalizer refuses event
+# times further in the future than its clock allows.
+EARLIEST_TIME = datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=timezone.utc)
+_EARLIEST_TEXT = "1970-01-01T00:00:00.001Z"
 
 
 def parse_time(value: str) -> datetime:
@@ -43,6 +54,12 @@ def _parse(value: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise ContractError(f"{value!r} is not a valid date-time: {exc}") from None
+    if parsed < EARLIEST_TIME:
+        raise ContractError(
+            f"{value!r:.80} is before {_EARLIEST_TEXT}: not a plausible time of a clinical event, "
+            "and event times travel as Kafka record timestamps, which must be positive "
+            "(milliseconds after 1970-01-01T00:00:00Z)"
+        )
     return parsed
 
 

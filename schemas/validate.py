@@ -2,8 +2,10 @@
 
 `validate` answers with a list of `ValidationIssue`s and never raises, whatever it is given:
 the stream worker turns the issues into a dead-letter reason, and bad input must never stop it.
-Beyond the JSON Schemas it checks what a schema cannot express: codes known to the term table,
-units convertible to the term's canonical unit, finite numbers, fractions within [0, 1].
+Beyond the JSON Schemas (whose numbers all have bounds, each explained by a `$comment`) it
+checks what a schema cannot express: codes known to the term table, units convertible to the
+term's canonical unit, finite numbers, fractions within [0, 1], times a Kafka record
+timestamp can carry (schemas.times.EARLIEST_TIME).
 """
 
 from __future__ import annotations
@@ -123,8 +125,10 @@ def _check_slowly(
     values = guarded(lambda: _value_findings(document))
     if any(text == _TOO_DEEP for _, text in values):
         return [_issue(segments, text) for segments, text in values]  # see _MAX_DEPTH
+    unbounded = {segments for segments, _ in values}
     issues.extend(
-        _issue(s, text) for s, text in guarded(lambda: _schema_findings(schema, document))
+        _issue(s, text)
+        for s, text in guarded(lambda: _schema_findings(schema, document, unbounded))
     )
     flagged = {issue.path for issue in issues}
     for segments, text in [*values, *guarded(lambda: semantics(document, default_terms()))]:
@@ -197,7 +201,8 @@ FORMAT_CHECKER = FormatChecker()
 
 @FORMAT_CHECKER.checks("date-time", raises=ContractError)
 def _is_date_time(instance: object) -> bool:
-    # The envelope's pattern insists on the zone; this catches impossible dates (Feb 30).
+    # The envelope's pattern insists on the zone; this catches impossible dates (Feb 30) and
+    # times before times.EARLIEST_TIME, which no Kafka record timestamp can carry.
     if isinstance(instance, str):
         parse_time(instance)
     return True
@@ -208,13 +213,24 @@ def _validator(name: str) -> Any:
     return _Validator(load_schema(name), registry=schema_registry(), format_checker=FORMAT_CHECKER)
 
 
-def _schema_findings(name: str, document: object) -> Iterator[Finding]:
+_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+
+
+def _schema_findings(
+    name: str, document: object, unbounded: Iterable[Segments] = ()
+) -> Iterator[Finding]:
+    """What the named schema finds; `unbounded` are paths of numbers that are not finite (or
+    beyond the float range), whose bounds are not reported: "must be finite" says it better."""
     findings = [f for error in _validator(name).iter_errors(document) for f in _describe(error)]
     # A string that misses its pattern usually fails its format too: say it once.
     patterned = {segments for segments, text, keyword in findings if keyword == "pattern"}
+    skipped = set(unbounded)
     for segments, text, keyword in findings:
-        if not (keyword == "format" and segments in patterned):
-            yield segments, text
+        if keyword == "format" and segments in patterned:
+            continue
+        if keyword in _BOUNDS and segments in skipped:
+            continue
+        yield segments, text
 
 
 def _describe(error: ValidationError) -> Iterator[tuple[Segments, str, str]]:

@@ -104,7 +104,10 @@ def resolve(claim: Mapping[str, Any], field: str, config: ImagingConfig, *, url_
         )
     root = Path(config.root).resolve()
     if lowered.startswith("file:"):
-        parsed = urllib.parse.urlparse(uri)
+        try:
+            parsed = urllib.parse.urlparse(uri)
+        except ValueError:  # "Invalid IPv6 URL": an unclosed '[' in the host part
+            raise FileCheckError("claim-check", f"{field}.uri", "is not a well-formed file: URI (its host part is broken)") from None
         if parsed.netloc not in ("", "localhost"):
             raise FileCheckError("claim-check", f"{field}.uri", f"file URI on another host ({parsed.netloc!r}) is not readable here")
         candidate = Path(urllib.parse.unquote(parsed.path))
@@ -112,6 +115,11 @@ def resolve(claim: Mapping[str, Any], field: str, config: ImagingConfig, *, url_
         if uri.startswith(("/", "\\")) or "\\" in uri or (len(uri) > 1 and uri[1] == ":"):
             raise FileCheckError("claim-check", f"{field}.uri", f"{uri!r:.200} must be a path relative to the imaging root")
         candidate = root / uri
+    if "\x00" in str(candidate):
+        # The operating system cannot look such a name up at all (Python raises ValueError).
+        raise FileCheckError(
+            "claim-check", f"{field}.uri", "holds a NUL character (U+0000, or %00 in a file: URI), which no file name can hold"
+        )
     parts = Path(uri if not lowered.startswith("file:") else candidate).parts
     if ".." in parts:
         raise FileCheckError("claim-check", f"{field}.uri", f"{uri!r:.200} has a '..' segment: claim checks must stay under the imaging root")
@@ -128,14 +136,17 @@ def resolve(claim: Mapping[str, Any], field: str, config: ImagingConfig, *, url_
         raise FileCheckError(
             "claim-check", f"{field}.uri", f"{uri!r:.200} is a symbolic link (or under one) whose target leaves the imaging root"
         )
-    info = real.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise FileCheckError("claim-check", f"{field}.uri", f"{uri!r:.200} is not a regular file")
-    if info.st_size != int(claim["size"]):
-        raise FileCheckError(
-            "claim-check", f"{field}.size", f"the file has {info.st_size} bytes, the claim check says {claim['size']}"
-        )
-    digest = _sha256(real, info)
+    try:
+        info = real.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise FileCheckError("claim-check", f"{field}.uri", f"{uri!r:.200} is not a regular file")
+        if info.st_size != int(claim["size"]):
+            raise FileCheckError(
+                "claim-check", f"{field}.size", f"the file has {info.st_size} bytes, the claim check says {claim['size']}"
+            )
+        digest = _sha256(real, info)
+    except OSError as exc:  # e.g. no permission to read it, or it vanished since resolve
+        raise FileCheckError("claim-check", f"{field}.uri", f"{uri!r:.200} cannot be read ({type(exc).__name__})") from None
     if digest != str(claim["sha256"]).lower():
         raise FileCheckError(
             "claim-check", f"{field}.sha256", f"the file's SHA-256 is {digest}, the claim check says {claim['sha256']}"

@@ -29,11 +29,20 @@ def _normalizer(root: Path | None, **overrides) -> Normalizer:
     return Normalizer(settings, TOPICS, clock=lambda: NOW)
 
 
-def _record(event: object, kind: str | None = None, *, raw: bytes | None = None, offset: int = 0) -> SourceRecord:
+_BY_BODY = "the event's patient_id"
+
+
+def _record(
+    event: object, kind: str | None = None, *, raw: bytes | None = None, offset: int = 0, key: str | None = _BY_BODY
+) -> SourceRecord:
+    """A record as a feed sends it: keyed by the event's patient_id (VP-0001 where it has none)."""
     if kind is None:
         kind = event["kind"]  # type: ignore[index]
+    if key is _BY_BODY:
+        patient = event.get("patient_id") if isinstance(event, dict) else None
+        key = patient if isinstance(patient, str) else "VP-0001"
     value = raw if raw is not None else json.dumps(event, allow_nan=True).encode()
-    return SourceRecord(TOPICS.event_topic(kind), 1, offset, "VP-0001", value, {"content-type": "application/json"}, 1700000000000)
+    return SourceRecord(TOPICS.event_topic(kind), 1, offset, key, value, {"content-type": "application/json"}, 1700000000000)
 
 
 def _one(normalizer: Normalizer, record: SourceRecord) -> Observation | DeadLetter:
@@ -53,7 +62,7 @@ def _dead(normalizer: Normalizer, record: SourceRecord, stage: str, *words: str)
     # What a person needs: the original bytes, where the record came from, why.
     assert original_bytes(document) == record.value
     assert document["source"] == {
-        "topic": record.topic, "partition": 1, "offset": record.offset, "key": "VP-0001",
+        "topic": record.topic, "partition": 1, "offset": record.offset, "key": record.key,
         "timestamp_ms": 1700000000000, "headers": {"content-type": "application/json"},
     }
     return outcome
@@ -218,7 +227,7 @@ def test_fhir_subject_must_be_a_pseudonym() -> None:
     dead = _dead(_normalizer(None), _record(resource, "lab"), "fhir", "pseudonym")
     assert "John" not in dead.reason  # the reference is not echoed
     resource["subject"]["reference"] = "Patient/VP-0042"
-    outcome = _one(_normalizer(None), _record(resource, "lab"))
+    outcome = _one(_normalizer(None), _record(resource, "lab", key="VP-0042"))
     assert isinstance(outcome, Observation) and outcome.patient_id == "VP-0042"
 
 

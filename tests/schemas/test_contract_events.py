@@ -21,6 +21,7 @@ from schemas import (
     parse_time,
     validate,
 )
+from schemas.times import EARLIEST_TIME
 
 CET = timezone(timedelta(hours=1))
 PSA = {"code": "2857-1", "value": 6.8, "unit": "ng/mL"}
@@ -73,8 +74,34 @@ def test_parse_time_requires_a_zone() -> None:
             parse_time(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0001-01-01T00:00:00Z",
+        "1969-12-31T23:59:59.999Z",
+        "1970-01-01T00:00:00Z",
+        "1970-01-01T00:00:00.000999999Z",  # digits beyond the microsecond are dropped
+        "1970-01-01T01:00:00.0005+01:00",
+    ],
+)
+def test_times_before_the_first_millisecond_of_the_epoch_are_refused(text: str) -> None:
+    # A Kafka record timestamp (the event time) must be positive: 0 ms and earlier cannot be sent.
+    with pytest.raises(ContractError, match=r"before 1970-01-01T00:00:00\.001Z.*Kafka record timestamps"):
+        parse_time(text)
+    with pytest.raises(EventValidationError) as caught:
+        make_event("lab", "VP-0042", datetime.fromisoformat(text), PSA, source="lis-feed")
+    assert [issue.path for issue in caught.value.issues] == ["occurred_at"]
+
+
+def test_the_first_millisecond_of_the_epoch_is_accepted() -> None:
+    assert parse_time("1970-01-01T00:00:00.001Z") == EARLIEST_TIME
+    assert parse_time("1970-01-01T01:00:00.001+01:00") == EARLIEST_TIME
+    assert round(EARLIEST_TIME.timestamp() * 1000) == 1
+
+
 @given(
-    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1)),
+    # from a day after the epoch, so that no zone offset (up to 14 h) reaches before it
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)),
     st.integers(min_value=-14 * 60, max_value=14 * 60),
 )
 def test_format_and_parse_round_trip(moment: datetime, offset_minutes: int) -> None:
@@ -113,6 +140,15 @@ def test_normalize_converts_volume_and_lab_units_and_tags_terms() -> None:
     body = normalize_event(lab)["body"]
     assert (body["canonical_value"], body["canonical_unit"]) == (4.2, "ng/mL")
     assert body["term_iri"] == "http://loinc.org/rdf#2857-1"
+
+
+def test_integral_fraction_counts_become_ints() -> None:
+    # JSON Schema's "integer" admits 30.0; the RDF of a count is an xsd:integer.
+    event = example("treatment")
+    event["body"].update(fraction_number=3.0, fractions_planned=30.0)
+    body = normalize_event(event)["body"]
+    assert (body["fraction_number"], body["fractions_planned"]) == (3, 30)
+    assert type(body["fraction_number"]) is int and type(body["fractions_planned"]) is int
 
 
 def test_normalize_refuses_invalid_events() -> None:

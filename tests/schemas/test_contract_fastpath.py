@@ -377,6 +377,14 @@ TIME_EDGES: list[object] = [
     "2024-02-12T08:40:00.123456789Z",
     "2024-02-12T08:40:00.Z",
     "0000-01-01T00:00:00Z",
+    "0001-01-01T00:00:00Z",
+    "1969-12-31T23:59:59.999999Z",
+    "1970-01-01T00:00:00Z",
+    "1970-01-01T00:00:00.000999Z",
+    "1970-01-01T00:00:00.001Z",
+    "1970-01-01T01:00:00.001+01:00",
+    "1970-01-01T00:59:59.999+01:00",
+    "9999-12-31T23:59:59.999999-23:59",
     "2024-02-12T08:40:00-00:00",
     "2024-02-12T08:40:00",
     "2024-02-12 08:40:00Z",
@@ -414,6 +422,11 @@ LOCATION_EDGES: list[object] = [
 ]
 UID_EDGES: list[object] = ["1.2.3", "1..2", "1.", "0", "1" * 64, "1" * 65, "\u0661.2"]
 NUMBER_EDGES: list[object] = [0, -0.0, 1, 1.0, 1.5, -1, 31, 1e308, 10**30, 2**64, 5e-324]
+# On and about the schemas' bounds, as ints and floats: the engines must compare them alike.
+BOUND_EDGES: list[object] = [
+    0.001, 0.000999, 1000, 1000.0, 1001, 1000.0000000001, 36525, 36525.5, 10**6, 10**6 + 1,
+    10**9, 1e9 + 0.5, 10**12, 1e12, 10**12 + 1, 2**40, 2**40 + 1, 2**53 + 1, 2**63, 2**64 - 1,
+]
 ANY_EDGES: list[object] = [None, True, [1.0, 1.0, 1.0], "%"]
 
 _UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}\Z")
@@ -431,7 +444,7 @@ def _edges_for(where: tuple[Any, ...], value: object) -> list[object]:
         if _UID.match(value):
             return [*UID_EDGES, *ANY_EDGES]
         return [*TEXT_EDGES, *ANY_EDGES]
-    return [*NUMBER_EDGES, *ANY_EDGES]
+    return [*NUMBER_EDGES, *BOUND_EDGES, *ANY_EDGES]
 
 
 def _edge_corpus() -> Iterator[tuple[Any, bool]]:
@@ -465,7 +478,7 @@ plain_scalars = (
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
     | json_text
-    | st.sampled_from([*EDGE_STRINGS, *NUMBER_EDGES, None, True])
+    | st.sampled_from([*EDGE_STRINGS, *NUMBER_EDGES, *BOUND_EDGES, None, True])
 )
 plain_json = st.recursive(
     plain_scalars,

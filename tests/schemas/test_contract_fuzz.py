@@ -15,6 +15,7 @@ from schemas import (
     ValidationIssue,
     convert,
     example,
+    load_schema,
     normalize_event,
     validate,
     validate_forecast,
@@ -107,7 +108,12 @@ def test_mutated_examples_never_make_validation_raise(document: Any) -> None:
 
 LAB_CODES = sorted(t.code for t in TERMS if t.system == "loinc" and t.canonical_unit)
 CTDNA_MEASURES = ["tumor_fraction", "vaf", "copies_per_ml", "cfdna_concentration"]
-quantity_values = st.floats() | st.integers(min_value=-(10**6), max_value=10**6)
+quantity_values = (
+    st.floats()
+    | st.integers(min_value=-(10**6), max_value=10**6)
+    | st.integers(min_value=10**12 - 2, max_value=10**12 + 2)  # about the schemas' bound
+    | st.sampled_from([2**53 + 1, 2**63, 2**64, 1e12, 1e12 + 1.0])
+)
 
 
 @FUZZ
@@ -129,9 +135,10 @@ def test_quantities_are_accepted_exactly_when_they_make_sense(
         event["body"]["measure"] = key
         term = TERMS.for_ctdna_measure(key)
     canonical = term.canonical_unit
+    bound = load_schema(kind)["$defs"]["body"]["properties"]["value"]["maximum"]
     expected_ok = (
         math.isfinite(value)
-        and value >= 0
+        and 0 <= value <= bound
         and dimension_of(unit) == dimension_of(canonical)
         and (canonical != "1" or convert(value, unit, canonical) <= 1)
     )

@@ -88,12 +88,13 @@ NEGATIVES = [
     ("lab", _set("body.value", math.inf), "body.value", "finite"),
     ("lab", _set("body.value", -0.5), "body.value", "minimum of 0"),
     ("lab", _set("body.value", "6.8"), "body.value", "not of type 'number'"),
-    (
-        "lab",
-        _many(_set("body.value", 1e308), _set("body.unit", "mg/L")),
-        "body.value",
-        "out of range",
-    ),
+    ("lab", _many(_set("body.value", 1e308), _set("body.unit", "mg/L")), "body.value", "maximum"),
+    ("lab", _set("body.value", 2**64), "body.value", "greater than the maximum of 1000000000000"),
+    ("lab", _set("body.value", 10**12 + 1), "body.value", "maximum of 1000000000000"),
+    ("lab", _set("occurred_at", "0001-01-01T00:00:00Z"), "occurred_at", "Kafka record timestamps"),
+    ("lab", _set("occurred_at", "1970-01-01T01:00:00+01:00"), "occurred_at", "before 1970-01-01T00:00:00.001Z"),
+    ("lab", _set("recorded_at", "1969-12-31T23:59:59Z"), "recorded_at", "not a plausible time"),
+    ("ctdna", _set("body.value", 1e13), "body.value", "maximum of 1000000000000"),
     ("ctdna", _set("body.value", 150), "body.value", "1.5 as a fraction"),
     (
         "ctdna",
@@ -137,6 +138,25 @@ NEGATIVES = [
     ),
     ("imaging", _set("body.dicom_uri.sha256", "abc123"), "body.dicom_uri.sha256", "SHA-256"),
     ("imaging", _set("body.dicom_uri.size", -1), "body.dicom_uri.size", "minimum of 0"),
+    ("imaging", _set("body.dicom_uri.size", 2**64), "body.dicom_uri.size", "maximum of 1099511627776"),
+    (
+        "imaging",
+        _set("body.voxel_spacing_mm", [1.0, 1e4, 1.0]),
+        "body.voxel_spacing_mm[1]",
+        "maximum of 1000",
+    ),
+    (
+        "imaging",
+        _set("body.voxel_spacing_mm", [1.0, 1.0, 1e-4]),
+        "body.voxel_spacing_mm[2]",
+        "minimum of 0.001",
+    ),
+    (
+        "imaging",
+        _set("body.measures.tumor_volume.value", 2e9),
+        "body.measures.tumor_volume.value",
+        "maximum of 1000000000",
+    ),
     (
         "imaging",
         _set("body.voxel_spacing_mm", [1.0, 0.0, 1.0]),
@@ -157,6 +177,11 @@ NEGATIVES = [
         "'mg' is not one of ['Gy', 'cGy']",
     ),
     ("treatment", _set("body.dose.value", 0), "body.dose.value", "minimum of 0"),
+    ("treatment", _set("body.dose.value", 1e7), "body.dose.value", "maximum of 1000000"),
+    ("treatment", _set("body.fractions_planned", 1e12), "body.fractions_planned", "maximum of 1000"),
+    ("treatment", _set("body.fractions_planned", 2**64), "body.fractions_planned", "maximum of 1000"),
+    ("treatment", _set("body.fractions_planned", 30.5), "body.fractions_planned", "not of type 'integer'"),
+    ("treatment", _set("body.fraction_number", 1001), "body.fraction_number", "maximum of 1000"),
     (
         "treatment",
         _set("body.fraction_number", 31),
@@ -199,6 +224,9 @@ VALID_VARIANTS = [
     ("lab", _many(_set("body.code", "2532-0"), _set("body.unit", "IU/L"), _set("body.value", 240))),
     ("lab", _set("body.unit", "\u00b5g/L")),
     ("lab", _set("recorded_at", "2024-02-11T23:00:00-05:00")),  # backfill: recorded before occurred
+    ("lab", _set("occurred_at", "1970-01-01T00:00:00.001Z")),  # the first positive Kafka timestamp
+    ("lab", _set("body.value", 10**12)),  # every bound is inclusive
+    ("imaging", _set("body.voxel_spacing_mm", [0.001, 1000, 2.5])),
     (
         "ctdna",
         _many(
@@ -227,6 +255,7 @@ VALID_VARIANTS = [
     ("imaging", _set("body.measures.tumor_volume", {"value": 12400, "unit": "mm3"})),
     ("treatment", _set("body.dose", {"value": 180, "unit": "cGy"})),
     ("treatment", _set("body.planned", True)),
+    ("treatment", _many(_set("body.fraction_number", 1000.0), _set("body.fractions_planned", 1000))),
     (
         "treatment",
         _set(
@@ -262,6 +291,14 @@ def test_a_body_of_another_kind_is_refused() -> None:
 def test_anything_that_is_not_an_event_gets_issues(junk: object) -> None:
     issues = validate(junk)
     assert issues and all(isinstance(issue, ValidationIssue) for issue in issues)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, 10**400])
+def test_a_number_beyond_the_float_range_is_called_that_not_out_of_bounds(value: float) -> None:
+    # inf also exceeds body.value's maximum; "must be finite" is what a person can act on.
+    issues = validate(_with("lab", _set("body.value", value)))
+    assert [issue.path for issue in issues] == ["body.value"], issues
+    assert "finite" in issues[0].message or "beyond the float range" in issues[0].message
 
 
 def test_unprintably_large_integers_are_reported_not_raised() -> None:
@@ -324,6 +361,9 @@ FORECAST_NEGATIVES = [
     (_quantity(0, "burden", median=math.nan), "horizons[0].quantities.burden.median", "finite"),
     (_delete("horizons"), "horizons", "required field is missing"),
     (_set("members", 0), "members", "minimum of 1"),
+    (_set("members", 2**64), "members", "maximum of 1000000"),
+    (lambda f: f["horizons"][0].update(days=36526), "horizons[0].days", "maximum of 36525"),
+    (_set("issued_at", "0001-01-01T00:00:00Z"), "issued_at", "Kafka record timestamps"),
     (_set("analysis_time", "2024-02-12"), "analysis_time", "zone offset"),
     (_set("based_on_events", ["x"]), "based_on_events[0]", "UUID"),
 ]
