@@ -41,7 +41,15 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, namespace: str = "oncotwin_worker") -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r, ns = self.registry, namespace
-        self.records = Counter("records", "records consumed from the observations topic", registry=r, namespace=ns)
+        self.records = Counter("records", "records consumed from the observations topic, counted when their batch is "
+                               "done (a batch given up and done again counts once)", registry=r, namespace=ns)
+        self.accounted = Counter(
+            "records_accounted", "records of the batches done, each as exactly one of: observation (applied, pending, "
+            "ignored or unsupported), dead_letter, duplicate (an event applied before, or twice in a batch); they sum "
+            "to records", ["outcome"], registry=r, namespace=ns,
+        )
+        for outcome in ("observation", "dead_letter", "duplicate"):
+            self.accounted.labels(outcome)  # shown (at 0) before the first of each
         self.events = Counter(
             "events", "observations by kind and outcome (applied, skipped: already applied, pending: waiting for a "
             "first study, ignored: recorded but not analysed, unsupported: no model for it)",
@@ -55,6 +63,9 @@ class WorkerMetrics:
                                  registry=r, namespace=ns)
         self.forecasts_invalid = Counter("forecasts_invalid", "forecasts not published: they failed the forecast "
                                          "schema (a bug; logged)", registry=r, namespace=ns)
+        self.forecasts_refused = Counter("forecasts_refused", "forecast records the brokers refused for good (too "
+                                         "large, a timestamp the topic refuses): not published, logged", registry=r,
+                                         namespace=ns)
         self.batches = Counter("batches", "micro-batches committed", registry=r, namespace=ns)
         self.delivery_failures = Counter("delivery_failures", "flushes the brokers did not fully acknowledge",
                                          registry=r, namespace=ns)

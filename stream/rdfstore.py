@@ -17,7 +17,10 @@ Only a marker makes an event "seen": ``<urn:uuid:ID> ot:stored true`` in the nam
 ``STORED_GRAPH``, loaded once the load of the event's triples has returned (so a marked event
 is whole). "Is this event new?" is answered by an in-memory Bloom filter over the markers
 (``stream.seen``), built when the store opens: new events, the common case, never touch
-RocksDB; a "maybe" is confirmed by a point lookup of the marker.
+RocksDB; a "maybe" is confirmed by a point lookup of the marker. Beside the marker, in the same
+load, ``<urn:uuid:ID> ot:sourceSha256 "HEX"`` keeps the digest of the content the event was
+published from (``mark``'s ``digests``), so that a later record reusing the event id with other
+content can be told from a redelivered copy; markers written before it have none.
 
 Writes are Oxigraph bulk loads (several times cheaper than a transaction, and the GIL is
 released meanwhile) of at most ``LOAD_TRIPLES`` lines, small enough that Oxigraph parses a
@@ -32,7 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,8 @@ _STORED = ox.NamedNode(OT + "stored")
 _TRUE = ox.Literal("true", datatype=ox.NamedNode("http://www.w3.org/2001/XMLSchema#boolean"))
 _STORED_GRAPH = ox.NamedNode(STORED_GRAPH)
 _MARKER_TAIL = f"> <{OT}stored> {_TRUE} <{STORED_GRAPH}> .\n"
+_DIGEST = ox.NamedNode(OT + "sourceSha256")
+_DIGEST_HEX = re.compile(r"[0-9a-f]{64}")
 
 # Lines per bulk load: Oxigraph cuts bigger loads into batches written one by one.
 LOAD_TRIPLES = 50_000
@@ -134,19 +140,32 @@ class RdfStore:
                 written.extend(eid for eid, _ in chunk)
                 continue
             except (SyntaxError, ValueError) as exc:
-                log.error("the RDF store refused a load (%s); loading its events one by one", exc)
+                # The parser's message quotes the refused line, values and all: not for the log.
+                log.error("the RDF store refused a load (%s); loading its events one by one", type(exc).__name__)
             for eid, text in chunk:
                 try:
                     self._load(text)
                     written.append(eid)
                 except (SyntaxError, ValueError) as one:
-                    log.error("the RDF store refused the graph of event %s: %s", eid, one)
+                    log.error("the RDF store refused the graph of event %s (%s)", eid, type(one).__name__)
         return written
 
-    def mark(self, event_ids: Sequence[str]) -> None:
-        """Mark events stored: from now on they count as seen. Call once their triples are in."""
+    def mark(self, event_ids: Sequence[str], digests: Mapping[str, str | None] | None = None) -> None:
+        """Mark events stored: from now on they count as seen. Call once their triples are in.
+
+        ``digests``: event id -> SHA-256 (64 lower-case hex digits) of the content the event was
+        published from, kept with its marker (see ``digest``)."""
         if event_ids:
-            self._load("".join(f"<{EVENT_PREFIX}{e}{_MARKER_TAIL}" for e in event_ids), ox.RdfFormat.N_QUADS)
+            lines = []
+            for e in event_ids:
+                lines.append(f"<{EVENT_PREFIX}{e}{_MARKER_TAIL}")
+                digest = (digests or {}).get(e)
+                if digest is not None:
+                    if not _DIGEST_HEX.fullmatch(digest):
+                        raise ValueError(f"not a SHA-256 in hex: {digest[:80]!r}")
+                    lines.append(f'<{EVENT_PREFIX}{e}> <{_DIGEST.value}> "{digest}" <{STORED_GRAPH}> .\n')
+            # One load: a marker and its digest are written together or not at all.
+            self._load("".join(lines), ox.RdfFormat.N_QUADS)
             self._seen.update(event_ids)
 
     def _load(self, text: str, format: ox.RdfFormat = ox.RdfFormat.N_TRIPLES) -> None:  # noqa: A002
@@ -166,6 +185,13 @@ class RdfStore:
             return False
         # A point lookup: a pattern scan costs 2-3x more and grows with the files bulk loads leave.
         return ox.Quad(ox.NamedNode(EVENT_PREFIX + event_id), _STORED, _TRUE, _STORED_GRAPH) in self._store
+
+    def digest(self, event_id: str) -> str | None:
+        """The content digest kept with the event's marker; None when the event is not marked
+        or was marked without one (by an older oncotwin)."""
+        for quad in self._store.quads_for_pattern(ox.NamedNode(EVENT_PREFIX + event_id), _DIGEST, None, _STORED_GRAPH):
+            return str(quad.object.value)
+        return None
 
     def event_ids(self) -> Iterable[str]:
         for quad in self._store.quads_for_pattern(None, _STORED, _TRUE, _STORED_GRAPH):

@@ -23,9 +23,14 @@ republished; a crash between the flush and the marker write republishes the same
 Bad input never stops the worker: an undecodable record, a claim check that does not resolve
 or verify, an unreadable volume, a record keyed by another patient, or a batch the engine fails
 on for one patient becomes a dead letter (original bytes, source topic/partition/offset, reason)
-and is committed past. Transient failures (the brokers not acknowledging, the state store
-failing with an I/O error) do not commit: the worker rewinds to the committed offsets and does
-the batch again.
+and is committed past; so does any record, whatever its bytes, key or headers (a dead letter
+always fits in a record: stream.deadletter). Transient failures (the brokers not acknowledging,
+the state store failing with an I/O error) do not commit: the worker rewinds to the committed
+offsets and does the batch again. A record the brokers refuse for good is not retried: a dead
+letter is published bare instead, a forecast record is dropped and logged
+(``forecasts_refused``). Logs name records by topic, partition, offset, stage, event id and field
+paths, never by a pseudonym or a value (the reasons, which may quote them, are in the dead
+letters).
 
 Rebalancing. Offsets are committed before the next poll, and rebalance callbacks run only inside
 a poll, so a revocation never finds a processed batch uncommitted. Records fetched in the same
@@ -36,10 +41,12 @@ once; the twin follows through the shared store URL.
 
 Shutdown: ``install_signal_handlers`` makes SIGTERM / SIGINT set the stop event; the loop
 finishes its batch, commits, closes the consumer (leaving the group, so its partitions move at
-once) and the producer, and returns.
+once) and the producer, and returns. A batch whose records the brokers do not acknowledge within
+``stop_grace_s`` of the stop is given up uncommitted (read again after the restart).
 
-Metrics (stream.metrics, a registry per worker): records, events by kind and outcome, analyses,
-dead letters by stage, forecasts, latencies (event time, record timestamp and fetch to
+Metrics (stream.metrics, a registry per worker): records, each accounted for as an observation,
+a dead letter or a duplicate, events by kind and outcome, analyses, dead letters by stage,
+forecasts, latencies (event time, record timestamp and fetch to
 publication), per-partition consumer lag, stage timings; ``/healthz`` answers 200 while the loop
 polls, or works on a batch younger than the poll interval.
 """
@@ -52,6 +59,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -72,13 +80,13 @@ from assimilation.engine import BatchResult, Engine, EngineConfig
 from assimilation.forecast import Forecast, forecast
 from assimilation.store import StateStore
 from assimilation.twin import PatientTwin, TwinConfig
-from schemas import validate_forecast
+from schemas import load_schema, validate_forecast
 from schemas.times import format_time
 from stream.adapt import AdaptConfig, AdaptError, Unsupported, adapt, decode_record
 from stream.consumer import BatchConsumer, ConsumerError, Record
-from stream.deadletter import DeadLetter
+from stream.deadletter import DeadLetter, failure_trace
 from stream.metrics import MetricsServer, WorkerMetrics
-from stream.producer import DeliveryError, EventProducer, record_headers
+from stream.producer import DeliveryError, DeliveryFailure, EventProducer, Outgoing, record_headers
 from stream.settings import KafkaSettings
 from stream.volumes import nifti_bytes
 from stream.topics import Topics, ensure_topics
@@ -151,10 +159,15 @@ class BatchOutcome:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     forecasts: list[dict[str, Any]] = field(default_factory=list)
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    unsupported: int = 0  # valid observations without a model: counted, committed past
 
 
 class _Transient(Exception):
     """A failure worth retrying the batch for (nothing was committed)."""
+
+
+class _Stopped(Exception):
+    """Stopping while the brokers do not acknowledge the batch: it is left uncommitted."""
 
 
 def probability_map(fc: Forecast, record: Mapping[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
@@ -171,6 +184,17 @@ def probability_map(fc: Forecast, record: Mapping[str, Any]) -> tuple[str, bytes
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _contract_pattern(name: str) -> re.Pattern[str]:
+    """A string pattern of the event contract (schemas/json/envelope.json), for fullmatch."""
+    return re.compile(load_schema("envelope")["$defs"][name]["pattern"].removeprefix("^").removesuffix("$"))
+
+
+# The ids a twin's forecasts carry must be ones the forecast contract takes: an observation with
+# others would be applied, and every later forecast of its twin refused, never published.
+_EVENT_ID = _contract_pattern("uuid")
+_PSEUDONYM = _contract_pattern("pseudonym")
 
 
 def _digest(event_ids: Sequence[str]) -> str:
@@ -208,6 +232,7 @@ class Worker:
         flush_timeout: float = 30.0,
         flush_attempts: int = 3,
         retry_pause_s: float = 1.0,
+        stop_grace_s: float = 3.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         if max_batch < 1:
@@ -224,6 +249,9 @@ class Worker:
         self.flush_timeout = flush_timeout
         self.flush_attempts = max(1, flush_attempts)
         self.retry_pause_s = retry_pause_s
+        # After a stop, what is in flight gets this long before the batch is given up.
+        self.stop_grace_s = stop_grace_s
+        self._stop = threading.Event()  # run()'s stop event once it runs
         self.clock = clock
         self.metrics = WorkerMetrics()
         self.summary = WorkerSummary()
@@ -313,6 +341,7 @@ class Worker:
 
     def run(self, stop_event: threading.Event) -> WorkerSummary:
         """Process batches until ``stop_event`` is set; then finish, commit and close."""
+        self._stop = stop_event
         try:
             while not stop_event.is_set():
                 self.step()
@@ -359,6 +388,9 @@ class Worker:
         except _Transient as exc:
             self._rewind(str(exc))
             return BatchOutcome(records=len(records))
+        except _Stopped as exc:
+            log.warning("stopping: %s; the batch of %d record(s) is left uncommitted", exc, len(records))
+            return BatchOutcome(records=len(records))
         finally:
             self._batch_started = None
             self.metrics.tick()
@@ -369,8 +401,6 @@ class Worker:
 
     def _process(self, records: list[Record], fetched_at: float) -> BatchOutcome:
         outcome = BatchOutcome(records=len(records))
-        self.metrics.records.inc(len(records))
-        self.summary.records += len(records)
 
         started = time.perf_counter()
         items: list[_Item] = []
@@ -392,7 +422,7 @@ class Worker:
         self.metrics.stage_seconds.labels("publish").observe(time.perf_counter() - started)
 
         self._write_outbox(published)
-        self._account(items, result, published, publish_time, fetched_at)
+        self._account(items, result, published, publish_time, fetched_at, outcome)
 
         started = time.perf_counter()
         outcome.committed = self._commit(records)
@@ -406,6 +436,12 @@ class Worker:
         decoded = None
         try:
             decoded = decode_record(record.value)
+            if not _EVENT_ID.fullmatch(decoded.event_id):
+                raise AdaptError("decode", "prov:wasDerivedFrom does not name an event: urn:uuid: and a UUID in "
+                                           "lower-case form are expected")
+            if not _PSEUDONYM.fullmatch(decoded.patient_id):
+                raise AdaptError("decode", "ot:pseudonym is not a pseudonym: 3 to 64 letters, digits, '.', '_' or "
+                                           "'-' are expected")
             if record.key is not None and record.key != decoded.patient_id:
                 # The key decides the partition, and so which worker owns the patient: a record
                 # keyed by someone else could be applied concurrently with that patient's owner.
@@ -417,26 +453,28 @@ class Worker:
             return None
         except Unsupported as exc:
             assert decoded is not None
-            log.info("unsupported %s event %s of %s: %s", exc.kind, decoded.event_id, decoded.patient_id, exc.reason)
+            log.info("unsupported %s event %s (%s[%d]@%d)", exc.kind, decoded.event_id, record.topic, record.partition,
+                     record.offset)
             self.metrics.events.labels(decoded.kind, "unsupported").inc()
             self.summary.unsupported += 1
+            outcome.unsupported += 1
             return None
         except Exception as exc:  # noqa: BLE001  (a bug must not stop the worker: report it)
-            log.exception("adapting %s[%d]@%d failed", record.topic, record.partition, record.offset)
+            log.error("adapting %s[%d]@%d failed: %s", record.topic, record.partition, record.offset, failure_trace(exc))
             self._dead(record, "internal", f"the worker failed on this record ({type(exc).__name__}: "
                                            f"{str(exc)[:200]}); please report it", outcome, decoded)
             return None
         return _Item(record, decoded.event_id, decoded.patient_id, decoded.kind, decoded.time, observation)
 
     def _dead(self, record: Record, stage: str, reason: str, outcome: BatchOutcome, decoded: Any = None) -> None:
-        log.warning("dead letter %s[%d]@%d stage=%s: %s", record.topic, record.partition, record.offset, stage,
-                    reason[:300])
-        outcome.dead_letters.append(DeadLetter(
+        dead = DeadLetter(
             stage=stage, reason=reason, topic=record.topic, partition=record.partition, offset=record.offset,
             key=record.key, original=record.value, timestamp_ms=record.timestamp_ms, headers=dict(record.headers),
             event_id=getattr(decoded, "event_id", None) or record.headers.get("event-id"),
             kind=getattr(decoded, "kind", None) or record.headers.get("kind"),
-        ))
+        )
+        log.warning("dead letter %s", dead.log_context())
+        outcome.dead_letters.append(dead)
 
     def _assimilate(self, items: list[_Item], outcome: BatchOutcome) -> BatchResult:
         """The engine on the whole batch; if it fails, patient by patient, so that one
@@ -446,9 +484,10 @@ class Worker:
         try:
             return self.engine.process_batch([i.observation for i in items])
         except OSError as exc:
-            raise _Transient(f"state store failure: {exc}") from exc
-        except Exception:  # noqa: BLE001
-            log.exception("the engine failed on a batch of %d observations; retrying patient by patient", len(items))
+            raise _Transient(f"state store failure: {failure_trace(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001
+            log.error("the engine failed on a batch of %d observations (%s); retrying patient by patient", len(items),
+                      failure_trace(exc))
         by_patient: dict[str, list[_Item]] = defaultdict(list)
         for item in items:
             by_patient[item.patient_id].append(item)
@@ -458,9 +497,11 @@ class Worker:
             try:
                 result = self.engine.process_batch([i.observation for i in by_patient[pid]])
             except OSError as exc:
-                raise _Transient(f"state store failure: {exc}") from exc
+                raise _Transient(f"state store failure: {failure_trace(exc)}") from exc
             except Exception as exc:  # noqa: BLE001
-                log.exception("the engine failed on patient %s", pid)
+                first = by_patient[pid][0].record
+                log.error("the engine failed on one patient's %d record(s) (from %s[%d]@%d): %s", len(by_patient[pid]),
+                          first.topic, first.partition, first.offset, failure_trace(exc))
                 for item in by_patient[pid]:
                     self._dead(item.record, "assimilation", f"the engine failed on this patient's batch "
                                                             f"({type(exc).__name__}: {str(exc)[:200]})", outcome, item)
@@ -481,10 +522,10 @@ class Worker:
                 twin = self.store.latest(pid, self.engine.device)
                 marker = self._read_outbox(pid)
             except OSError as exc:
-                raise _Transient(f"state store failure: {exc}") from exc
+                raise _Transient(f"state store failure: {failure_trace(exc)}") from exc
             if twin is None or self._is_published(twin, marker):
                 continue
-            log.info("republishing the forecast of %s: its twin changed but no forecast was acknowledged", pid)
+            log.info("republishing a forecast: its twin changed but no forecast of it was acknowledged")
             out.append(self._forecast(twin))
             self.summary.recovered_forecasts += 1
         return out
@@ -513,17 +554,17 @@ class Worker:
                       "applied_digest": _digest(fc.based_on_events), "written_at": format_time(self.clock())}
             try:
                 self.store.backend.put_bytes(_outbox_key(fc.patient_id), json.dumps(marker, sort_keys=True).encode())
-            except OSError:
+            except OSError as exc:
                 # The forecast is out; without the marker a redelivery republishes it (same id).
-                log.exception("cannot write the outbox marker of %s", fc.patient_id)
+                log.error("cannot write an outbox marker (%s)", failure_trace(exc))
 
     # -- publishing ------------------------------------------------------------------------
 
     def _publish(self, forecasts: list[Forecast], outcome: BatchOutcome) -> list[Forecast]:
         """Send forecasts and dead letters, and wait until the brokers acknowledged all."""
         issued_at = self.clock()
-        published: list[Forecast] = []
-        sent_records = 0
+        sent: list[tuple[Forecast, Outgoing]] = []
+        valid: list[Forecast] = []
         for fc in forecasts:
             records = [self._attach_map(fc, r) for r in fc.to_records(issued_at)]
             problems = [(r, validate_forecast(r)) for r in records]
@@ -531,25 +572,23 @@ class Worker:
             if bad:
                 # A forecast that breaks its own contract is a bug: never publish it.
                 self.metrics.forecasts_invalid.inc(len(bad))
-                log.error("forecast of %s fails the forecast schema, not published: %s", fc.patient_id,
-                          "; ".join(i.message for i in bad[0][1][:5]))
+                log.error("a forecast fails the forecast schema, not published (fields %s)",
+                          ", ".join(sorted({i.path for i in bad[0][1][:5]})))
                 continue
             for record in records:
-                self._producer.send(
+                sent.append((fc, Outgoing(
                     self.topics.forecasts, fc.patient_id,
                     json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(),
                     timestamp_ms=int(round(fc.issued_for.timestamp() * 1000)),
                     headers=record_headers(schema_version=FORECAST_SCHEMA_VERSION, forecast_id=record["forecast_id"],
                                            scenario=record.get("scenario") or "planned"),
-                )
+                )))
                 outcome.forecasts.append(record)
-                sent_records += 1
-            published.append(fc)
-        for dead in outcome.dead_letters:
-            self._producer.send(self.topics.deadletter, dead.key, dead.to_bytes(issued_at),
-                                timestamp_ms=dead.timestamp_ms if dead.timestamp_ms and dead.timestamp_ms > 0 else None,
-                                headers=dead.record_headers())
-        self._flush()
+            valid.append(fc)
+        refused = self._deliver([o for _, o in sent], outcome.dead_letters, issued_at)
+        unpublished = {id(sent[i][0]) for i in refused}
+        published = [fc for fc in valid if id(fc) not in unpublished]
+        sent_records = len(sent) - len(refused)
         self.metrics.forecasts.inc(sent_records)
         self.summary.forecasts += sent_records
         for dead in outcome.dead_letters:
@@ -557,29 +596,67 @@ class Worker:
         self.summary.dead_letters += len(outcome.dead_letters)
         return published
 
+    def _deliver(self, forecasts: list[Outgoing], dead_letters: list[DeadLetter], issued_at: datetime) -> set[int]:
+        """Publish forecast records and dead letters until all are acknowledged, retrying only
+        what failed; returns the indexes of the forecast records refused for good (dropped,
+        logged). A dead letter refused for good is replaced by its bare form. Raises
+        ``_Transient`` when ``flush_attempts`` did not get the rest through, ``_Stopped`` when
+        the worker stops meanwhile."""
+        todo: list[tuple[int, Outgoing | DeadLetter]] = [*enumerate(forecasts), *((-1, d) for d in dead_letters)]
+        refused: set[int] = set()
+        attempt = 0
+        while todo:
+            outgoing = [x if isinstance(x, Outgoing) else Outgoing(
+                self.topics.deadletter, x.record_key(), x.to_bytes(issued_at), x.record_timestamp_ms, x.record_headers())
+                for _, x in todo]
+            try:
+                outcomes = self._producer.deliver(outgoing, timeout=self.flush_timeout, stop=self._stop,
+                                                  grace_s=self.stop_grace_s)
+            except DeliveryError as exc:  # the flush itself failed: nothing of it is known acknowledged
+                outcomes = [DeliveryFailure(o.topic, None, str(exc)[:200]) for o in outgoing]
+            again: list[tuple[int, Outgoing | DeadLetter]] = []
+            failures: list[DeliveryFailure] = []
+            for (index, item), failure in zip(todo, outcomes):
+                if failure is None:
+                    continue
+                if failure.permanent and isinstance(item, DeadLetter) and not item.bare:
+                    again.append((index, item.as_bare(f"this dead letter could not be published whole "
+                                                      f"({failure.error}): the original, its headers and the "
+                                                      "issues are left out")))
+                elif failure.permanent and isinstance(item, Outgoing):
+                    # A forecast that can never be published is a bug; retrying cannot help.
+                    self.metrics.forecasts_refused.inc()
+                    log.error("a forecast record was refused for good, not published: %s", failure.error)
+                    refused.add(index)
+                else:
+                    again.append((index, item))
+                    failures.append(failure)
+            todo = again
+            if not failures:
+                continue
+            attempt += 1
+            self.metrics.delivery_failures.inc()
+            log.warning("flush attempt %d/%d: %d record(s) not acknowledged (%s)", attempt, self.flush_attempts,
+                        len(failures), "; ".join(sorted({f.error[:200] for f in failures})[:5]))
+            if self._stop.is_set():
+                raise _Stopped(f"{len(failures)} record(s) not acknowledged")
+            if attempt >= self.flush_attempts or self._producer.fatal_error is not None:
+                # The batch stays uncommitted; a fresh producer avoids reusing a broken
+                # idempotent session.
+                try:
+                    self._producer.close(timeout=1.0)
+                except DeliveryError:
+                    pass
+                self._producer = EventProducer(self.kafka)
+                raise _Transient("the brokers did not acknowledge the batch's forecasts")
+            if self._stop.wait(self.retry_pause_s):
+                raise _Stopped(f"{len(failures)} record(s) not acknowledged")
+        return refused
+
     def _attach_map(self, fc: Forecast, record: dict[str, Any]) -> dict[str, Any]:
         key, data, claim = probability_map(fc, record)
         self.store.backend.put_bytes(key, data)
         return {**record, "probability_map_uri": claim}
-
-    def _flush(self) -> None:
-        for attempt in range(1, self.flush_attempts + 1):
-            try:
-                self._producer.flush(self.flush_timeout)
-                return
-            except DeliveryError as exc:
-                self.metrics.delivery_failures.inc()
-                log.warning("flush attempt %d/%d: %s", attempt, self.flush_attempts, exc)
-                if self._producer.fatal_error is not None:
-                    break
-                time.sleep(self.retry_pause_s)
-        # The batch stays uncommitted; a fresh producer avoids reusing a broken idempotent session.
-        try:
-            self._producer.close(timeout=1.0)
-        except DeliveryError:
-            pass
-        self._producer = EventProducer(self.kafka)
-        raise _Transient("the brokers did not acknowledge the batch's forecasts")
 
     # -- offsets ---------------------------------------------------------------------------
 
@@ -641,7 +718,14 @@ class Worker:
     # -- accounting ------------------------------------------------------------------------
 
     def _account(self, items: list[_Item], result: BatchResult, published: list[Forecast], publish_time: float,
-                 fetched_at: float) -> None:
+                 fetched_at: float, outcome: BatchOutcome) -> None:
+        # Each record of the batch is one of: a dead letter, a duplicate (an event applied
+        # before, or a second copy in the batch) or an observation (applied, pending, ignored,
+        # unsupported).
+        self.metrics.records.inc(outcome.records)
+        self.summary.records += outcome.records
+        dead = {(d.topic, d.partition, d.offset) for d in outcome.dead_letters}
+        self.metrics.accounted.labels("dead_letter").inc(len(outcome.dead_letters))
         published_for = {fc.patient_id: set(fc.based_on_events) for fc in published}
         outcome_of: dict[str, str] = {}
         for report in result.reports.values():
@@ -652,18 +736,26 @@ class Worker:
             self.metrics.analyses.inc(len(report.analyses))
             self.summary.analyses += len(report.analyses)
         seen: set[str] = set()
+        taken = outcome.unsupported
         for item in items:
-            name = outcome_of.get(item.event_id)
-            if name is None:
+            if (item.record.topic, item.record.partition, item.record.offset) in dead:
                 continue  # its patient failed in the engine: dead-lettered
+            name = outcome_of.get(item.event_id)
             if item.event_id in seen:
                 name = "skipped"  # a second copy within the batch (the engine deduplicates)
             seen.add(item.event_id)
+            if name == "skipped":
+                self.metrics.accounted.labels("duplicate").inc()
+            else:
+                taken += 1
+            if name is None:
+                continue
             self.metrics.events.labels(item.kind, name).inc()
             if name == "applied":
                 self.summary.applied += 1
             elif name == "skipped":
                 self.summary.skipped += 1
+        self.metrics.accounted.labels("observation").inc(taken)
         for item in items:
             if item.event_id not in published_for.get(item.patient_id, ()):
                 continue
@@ -683,7 +775,8 @@ class Worker:
             self._consumer.close()
         finally:
             try:
-                self._producer.close(timeout=self.flush_timeout)
+                # Stopping, what was given up must not hold the shutdown for flush_timeout.
+                self._producer.close(timeout=self.stop_grace_s if self._stop.is_set() else self.flush_timeout)
             except DeliveryError as exc:
                 log.error("closing the producer: %s", exc)
             finally:
