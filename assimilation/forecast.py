@@ -29,7 +29,15 @@ from schemas.times import format_time
 
 from .calibration import VOLUME_LOG_OFFSET_ML, mixture_quantiles, model_error_rate, summarize
 from .observations import TreatmentEvent
-from .twin import PARAM_NAMES, PatientTwin, TreatmentRecord, TwinConfig, effective_treatments, member_params
+from .twin import (
+    PARAM_NAMES,
+    PatientTwin,
+    TreatmentRecord,
+    TwinConfig,
+    effective_treatments,
+    member_params,
+    unmodelled,
+)
 
 __all__ = ["AS_PLANNED", "DEFAULT_HORIZONS", "QUANTILES", "QUANTITIES", "Forecast", "forecast", "forecast_batch",
            "radiotherapy_course"]
@@ -159,9 +167,14 @@ def radiotherapy_course(patient_id: str, start: datetime, fractions: int = 30, d
 def _scenario_treatments(twin: PatientTwin, plan: Sequence[TreatmentEvent] | None) -> list[TreatmentRecord]:
     """AS_PLANNED (plan None): what the twin knows. A named plan: every delivered treatment
     plus the plan's treatments after the clock (the plan replaces the twin's own planned ones;
-    the past cannot be re-planned)."""
+    the past cannot be re-planned). A plan's treatment the model cannot apply (``unmodelled``:
+    another drug than the model's) is refused rather than simulated as something else."""
     if plan is None:
         return effective_treatments(twin.treatments)
+    for e in plan:
+        why = unmodelled(e)
+        if why is not None:
+            raise ValueError(f"plan treatment {e.event_id}: {why}")
     delivered = [r for r in twin.treatments if not r.planned]
     future = [TreatmentRecord(e.event_id, twin.days(e.time), e.kind, float(e.dose), e.unit, e.drug, True)
               for e in plan if twin.days(e.time) > twin.clock]

@@ -596,6 +596,30 @@ def is_late(obs: ObservationBase, twin: PatientTwin) -> bool:
     return t < twin.clock or (t == twin.clock and twin.last_analysis == twin.clock)
 
 
+# The one drug the model's chemotherapy term stands for: its kill per mg/m² (k_chemo) and its
+# exposure decay (TumorPrior.chemo_decay) are temozolomide's. RxNorm ingredient code.
+MODELLED_DRUGS = {"rxnorm": {"37776"}, "name": {"temozolomide"}}
+
+
+def unmodelled(ev: TreatmentEvent) -> str | None:
+    """Why the model cannot apply ``ev`` (None when it can). The feed accepts any drug in mg,
+    mg/m² or mg/kg; the model has a radiotherapy term in Gy and one chemotherapy term, that of
+    temozolomide in mg/m². Another drug, or a dose without the body size that makes it mg/m², is
+    recorded and left out of the simulation with this reason: applying it as temozolomide
+    would be silently wrong (a 10 mg/kg bevacizumab infusion kills no cells)."""
+    if ev.kind == "radiotherapy":
+        return None if ev.unit == "Gy" else f"a radiotherapy dose in {ev.unit!r}, the model needs Gy"
+    code_ok = ev.drug_system == "rxnorm" and ev.drug_code in MODELLED_DRUGS["rxnorm"]
+    name_ok = ev.drug is not None and ev.drug.strip().casefold() in MODELLED_DRUGS["name"]
+    if ev.drug_code is not None and not code_ok:
+        return f"no model for drug {ev.drug_system}:{ev.drug_code} (the twin models temozolomide)"
+    if ev.drug_code is None and ev.drug is not None and not name_ok:
+        return f"no model for drug {ev.drug!r} (the twin models temozolomide)"
+    if ev.unit != "mg/m2":
+        return f"a dose in {ev.unit!r} without the body size that makes it mg/m²"
+    return None
+
+
 def _record_treatment(twin: PatientTwin, ev: TreatmentEvent) -> PatientTwin:
     rec = TreatmentRecord(ev.event_id, twin.days(ev.time), ev.kind, float(ev.dose), ev.unit, ev.drug, bool(ev.planned))
     treatments = tuple(sorted((*twin.treatments, rec), key=lambda r: (r.t, r.event_id)))
@@ -854,7 +878,12 @@ def assimilate(twin: PatientTwin, observations: Sequence[ObservationBase], analy
         for o in group:
             applied.append(o.event_id)
             if isinstance(o, TreatmentEvent):
-                twin = _record_treatment(twin, o)
+                why = unmodelled(o)
+                if why is None:
+                    twin = _record_treatment(twin, o)
+                else:
+                    ignored[o.event_id] = why
+                    twin = replace(twin, applied=(*twin.applied, o.event_id))
             elif twin.days(o.time) < twin.started_at:
                 ignored[o.event_id] = "before the twin's first study"
                 twin = replace(twin, applied=(*twin.applied, o.event_id))

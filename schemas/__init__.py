@@ -13,11 +13,13 @@ from typing import Any
 from .errors import ContractError, IncompatibleUnitError, UnknownCodeError, UnknownUnitError
 from .events import make_event, normalize_event
 from .loader import (
+    CONTRACT_VERSION,
     EVENT_KINDS,
     EXAMPLES_DIR,
     SCHEMA_NAMES,
     SCHEMA_VERSION,
     example,
+    example_names,
     load_schema,
     schema_id,
     schema_registry,
@@ -35,6 +37,7 @@ from .validate import (
 )
 
 __all__ = [
+    "CONTRACT_VERSION",
     "EVENT_KINDS",
     "EXAMPLES_DIR",
     "NAMESPACES",
@@ -51,6 +54,7 @@ __all__ = [
     "ValidationIssue",
     "convert",
     "example",
+    "example_names",
     "format_time",
     "is_valid",
     "load_schema",

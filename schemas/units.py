@@ -12,8 +12,9 @@ Choices that are conventions rather than UCUM arithmetic:
   CA 19-9, CA 15-3) report "U/mL" meaning the assay's arbitrary unit, not the enzyme unit.
   ``U/L`` and ``IU/L`` are enzyme activity (LDH), a separate dimension, so ``U/mL`` and ``U/L``
   are deliberately not inter-convertible.
-- ``mg``, ``mg/m2`` and ``mg/kg`` (chemotherapy doses) convert only to themselves: turning one
-  into another needs body surface area or weight, which the contract does not carry.
+- ``mg``, ``mg/m2`` and ``mg/kg`` (drug doses) do not convert into one another by ``convert``:
+  that needs the patient's body surface area or weight. ``drug_dose`` converts with the body
+  size an event gives, and only with it (a body size is never assumed).
 - UCUM codes are case-sensitive (``mL`` is a millilitre, ``ML`` a megalitre), so ``NG/ML`` is
   refused with a hint instead of being folded to ``ng/mL``. The litre alone has two codes in
   UCUM, ``L`` and ``l``: ``ng/ml``, ``mg/l`` and the like are the same units as ``ng/mL`` and
@@ -110,6 +111,34 @@ def convert(value: float, from_unit: str, to_unit: str) -> float:
 def to_canonical(value: float, unit: str, canonical_unit: str) -> float:
     """Express `value` given in `unit` in the term's `canonical_unit`."""
     return convert(value, unit, canonical_unit)
+
+
+DRUG_DOSE_UNITS = ("mg", "mg/m2", "mg/kg")
+
+
+def drug_dose(
+    value: float, unit: str, body_weight_kg: float | None = None, body_surface_area_m2: float | None = None
+) -> tuple[float | None, float | None]:
+    """(mg/m², mg) of a drug dose in ``unit`` (mg, mg/m2 or mg/kg), each None where the body
+    size given does not determine it: mg needs the surface area for mg/m²; mg/m² needs it for
+    mg; mg/kg needs the weight for mg, and the weight and the surface area for mg/m².
+    Correctly rounded (exact arithmetic, one rounding)."""
+    if unit not in DRUG_DOSE_UNITS:
+        raise IncompatibleUnitError(f"{unit!r:.40} is not a drug dose unit (expected one of: {', '.join(DRUG_DOSE_UNITS)})")
+    dose = Fraction(value)
+    weight = Fraction(body_weight_kg) if body_weight_kg is not None else None
+    area = Fraction(body_surface_area_m2) if body_surface_area_m2 is not None else None
+    if unit == "mg":
+        mg: Fraction | None = dose
+    elif unit == "mg/m2":
+        mg = dose * area if area is not None else None
+    else:
+        mg = dose * weight if weight is not None else None
+    if unit == "mg/m2":
+        per_m2: Fraction | None = dose
+    else:
+        per_m2 = mg / area if mg is not None and area else None
+    return (float(per_m2) if per_m2 is not None else None, float(mg) if mg is not None else None)
 
 
 def _entry(unit: object, expected: str | None = None) -> tuple[str, Fraction]:

@@ -5,7 +5,11 @@ the stream worker turns the issues into a dead-letter reason, and bad input must
 Beyond the JSON Schemas (whose numbers all have bounds, each explained by a `$comment`) it
 checks what a schema cannot express: codes known to the term table, units convertible to the
 term's canonical unit, finite numbers, fractions within [0, 1], times a Kafka record
-timestamp can carry (schemas.times.EARLIEST_TIME).
+timestamp can carry (schemas.times.EARLIEST_TIME), censored results that say one thing (a
+reading under its limit of detection), drug codes in their system's format, positions within
+a course (fraction, cycle, day) within what the course plans.
+
+Fields the contract does not name are not judged: they are extensions (schemas.events).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from jsonschema.validators import extend
 from . import fastpath, units
 from .errors import ContractError, IncompatibleUnitError, UnknownCodeError, UnknownUnitError
 from .loader import EVENT_KINDS, load_schema, schema_registry
-from .terms import Term, TermTable, default_terms
+from .terms import DRUG_CODE_FORMATS, DRUG_SYSTEMS, Term, TermTable, default_terms, drug_system
 from .times import parse_time
 
 Segments = tuple[Any, ...]
@@ -313,8 +317,10 @@ def _is_finite(value: object) -> TypeGuard[int | float]:
     return _is_number(value) and abs(value) <= sys.float_info.max
 
 
-def _quantity_findings(base: Segments, quantity: dict[str, Any], term: Term) -> Iterator[Finding]:
-    value, unit, canonical = quantity.get("value"), quantity.get("unit"), term.canonical_unit
+def _quantity_findings(
+    base: Segments, quantity: dict[str, Any], term: Term, value_key: str = "value"
+) -> Iterator[Finding]:
+    value, unit, canonical = quantity.get(value_key), quantity.get("unit"), term.canonical_unit
     if canonical is None or not isinstance(unit, str):
         return
     try:
@@ -326,10 +332,10 @@ def _quantity_findings(base: Segments, quantity: dict[str, Any], term: Term) -> 
         return
     if not math.isfinite(converted):
         shown = _short(value, 40)
-        yield (*base, "value"), f"{shown} {unit} is out of range once converted to {canonical}"
+        yield (*base, value_key), f"{shown} {unit} is out of range once converted to {canonical}"
     elif canonical == "1" and not 0 <= converted <= 1:
         yield (
-            (*base, "value"),
+            (*base, value_key),
             (f"{value!r} {unit} is {converted:g} as a fraction; a fraction must lie within [0, 1]"),
         )
 
@@ -377,6 +383,7 @@ def _event_semantics(event: dict[str, Any], terms: TermTable) -> Iterator[Findin
                 yield ("body", "code"), f"{exc} (not in the term table)"
             else:
                 yield from _quantity_findings(("body",), body, term)
+                yield from _censoring_findings(body, term)
     elif kind == "ctdna":
         measure = body.get("measure")
         if isinstance(measure, str):
@@ -385,17 +392,65 @@ def _event_semantics(event: dict[str, Any], terms: TermTable) -> Iterator[Findin
             except UnknownCodeError:
                 return  # the schema's enum has already said so
             yield from _quantity_findings(("body",), body, term)
+            yield from _censoring_findings(body, term)
     elif kind == "imaging":
         measures = body.get("measures")
         volume = measures.get("tumor_volume") if isinstance(measures, dict) else None
         if isinstance(volume, dict):
             term = terms.lookup("local", "tumor-volume")
             yield from _quantity_findings(("body", "measures", "tumor_volume"), volume, term)
-    elif kind == "treatment" and body.get("type") == "radiotherapy":
-        number, planned = body.get("fraction_number"), body.get("fractions_planned")
-        if _is_number(number) and _is_number(planned) and number > planned:
-            text = f"fraction {_short(number, 20)} is beyond the {_short(planned, 20)} planned"
-            yield ("body", "fraction_number"), text
+    elif kind == "treatment":
+        yield from _within(body, "fraction_number", "fractions_planned", "fraction {} is beyond the {} planned")
+        yield from _within(body, "cycle", "cycles_planned", "cycle {} is beyond the {} planned")
+        yield from _within(body, "day_of_cycle", "cycle_length_days", "day {} is beyond a cycle of {} days")
+        drug = body.get("drug")
+        if isinstance(drug, dict):
+            yield from _drug_findings(drug)
+
+
+def _within(body: dict[str, Any], position: str, count: str, text: str) -> Iterator[Finding]:
+    number, planned = body.get(position), body.get(count)
+    # A count out of its own bounds (0 cycles planned) is the schema's to report, once.
+    if _is_number(number) and _is_number(planned) and planned > 0 and number > planned:
+        yield ("body", position), text.format(_short(number, 20), _short(planned, 20))
+
+
+_CENSORED_BELOW = ("<", "<=")
+
+
+def _censoring_findings(body: dict[str, Any], term: Term) -> Iterator[Finding]:
+    """A censored result says one thing: a comparator or below_lod, a reading under its lod."""
+    comparator, value, lod = body.get("comparator"), body.get("value"), body.get("lod")
+    if "lod" in body:
+        yield from _quantity_findings(("body",), body, term, value_key="lod")
+    if body.get("below_lod") is True:
+        if comparator is not None:
+            yield ("body", "comparator"), (
+                "cannot be given with below_lod: true (a result below the limit of detection is '< lod'; "
+                "send one of the two)"
+            )
+        if _is_finite(value) and _is_finite(lod) and value > lod:
+            yield ("body", "value"), (
+                f"{_short(value, 40)} is above the lod {_short(lod, 40)}: with below_lod: true, value is the "
+                "assay's reading under its limit of detection"
+            )
+    elif comparator == "<" and _is_number(value) and value == 0:
+        yield ("body", "value"), "'< 0' is no result: nothing lies below 0 (a limit of detection is positive)"
+
+
+def _drug_findings(drug: dict[str, Any]) -> Iterator[Finding]:
+    """A drug's code in its system's format; its rxnorm, when also given, the same RxCUI."""
+    code, system = drug.get("code"), drug.get("system")
+    short = drug_system(system) if isinstance(system, str) else None
+    if short is None or not isinstance(code, str):
+        return  # the schema has said what is missing or unknown
+    if not DRUG_SYSTEMS[short][1].match(code):
+        yield ("body", "drug", "code"), f"{_short(code, 40)} is not {DRUG_CODE_FORMATS[short]} (system {system})"
+    rxnorm = drug.get("rxnorm")
+    if short == "rxnorm" and isinstance(rxnorm, str) and rxnorm != code:
+        yield ("body", "drug", "rxnorm"), (
+            f"{_short(rxnorm, 20)} differs from body.drug.code {_short(code, 20)}, the drug's RxCUI (send one)"
+        )
 
 
 def _forecast_semantics(forecast: dict[str, Any], terms: TermTable) -> Iterator[Finding]:

@@ -2,16 +2,23 @@
 
 The worker's bridge between the RDF world and ``assimilation.observations``:
 
-- lab       -> ``MarkerObservation`` (LOINC code from the term IRI, canonical value and unit)
-- ctdna     -> ``CtdnaObservation`` for the tumour-fraction measure; the other measures (VAF,
-               copies/mL, cfDNA ng/mL) have no observation operator yet and are *unsupported*
-- treatment -> ``TreatmentEvent`` for radiotherapy (Gy) and chemotherapy (mg/m2); surgery is
-               unsupported (the model has no resection yet)
+- lab       -> ``MarkerObservation`` (LOINC code from the term IRI, canonical value and unit;
+               a censored result's comparator and limit)
+- ctdna     -> ``CtdnaObservation`` for the tumour-fraction measure (censored ones too); the
+               other measures (VAF, copies/mL, cfDNA ng/mL) have no observation operator yet
+               and are *unsupported*
+- treatment -> ``TreatmentEvent`` for radiotherapy (Gy) and any drug (mg/m2 where the event
+               gave the body size to compute it, else mg or mg/kg as sent: the twin decides
+               what it can use); surgery is unsupported (the model has no resection yet)
 - imaging   -> ``ImagingObservation``: the density map, segmentation and tissue map are read
                from NIfTI files through their claim checks, resolved under the imaging root
                only and verified by size and SHA-256 again here (the file may have changed
                since the normalizer looked at it; a twin must never start from other pixels
-               than the event named).
+               than the event named). A labelled segmentation keeps its label map and what
+               each label means; its ``segmentation`` is the union of the tumour labels. A
+               tissue map's CSF / ventricle label (3) becomes 0 (outside: no tumour, no flux).
+
+Every typed observation carries the event's ``recorded_at`` (when the feed recorded it).
 
 Failures are ``AdaptError``s with a stage (claim-check, nifti, adapt) and a reason a person can
 act on: the worker dead-letters the record. Unsupported events are ``Unsupported``: valid input
@@ -46,19 +53,24 @@ from assimilation.observations import (
     Observation,
     TreatmentEvent,
 )
-from schemas.terms import TermTable, default_terms
+from schemas.terms import NAMESPACES, TermTable, default_terms
 from stream.decode import ClaimCheck, DecodedObservation, DecodeError, decode_jsonld
-from stream.imaging import FileCheckError, ImagingConfig, resolve
+from stream.imaging import FileCheckError, ImagingConfig, resolve, segmentation_labels
 from stream.rdf import OT, expand
 
 log = logging.getLogger(__name__)
 
-#: Tissue labels of models.tissue (0 outside, 1 gray matter, 2 white matter).
-TISSUE_LABELS = frozenset({0, 1, 2})
+#: Tissue labels a tissue map may hold (imaging.json): 0 outside, 1 gray matter, 2 white
+#: matter (models.tissue), 3 CSF / ventricles.
+TISSUE_LABELS = frozenset({0, 1, 2, 3})
+#: CSF and ventricles hold no tumour cells and no flux crosses their border: models.tissue's
+#: OUTSIDE (0), which already stands for them in its synthetic brains.
+CSF_LABEL = 3
 #: Relative tolerance of voxel spacings (file header vs event), as stream.imaging uses.
 SPACING_RTOL = 1e-3
-#: Chemotherapy doses the model can use (the exposure model is per body surface area).
-CHEMO_UNITS = frozenset({"mg/m2"})
+#: Drug dose units a TreatmentEvent carries: mg/m2 (canonical, where computable), or the
+#: unit sent when no body size was given to convert it.
+CHEMO_UNITS = frozenset({"mg/m2", "mg", "mg/kg"})
 RADIOTHERAPY_UNITS = frozenset({"Gy"})
 
 
@@ -145,7 +157,14 @@ def adapt(decoded: DecodedObservation, config: AdaptConfig, document: bytes | No
 
 
 def _common(d: DecodedObservation) -> dict[str, Any]:
-    return {"event_id": d.event_id, "patient_id": d.patient_id, "time": d.time}
+    return {"event_id": d.event_id, "patient_id": d.patient_id, "time": d.time, "recorded_at": d.recorded_at}
+
+
+def _censoring(d: DecodedObservation, value: float) -> dict[str, Any]:
+    return {
+        "comparator": d.comparator, "limit": value if d.comparator is not None else None,
+        "below_lod": d.below_lod, "detection_limit": d.detection_limit,
+    }
 
 
 def _value(d: DecodedObservation) -> float:
@@ -159,13 +178,17 @@ def _marker(d: DecodedObservation) -> MarkerObservation:
         term = _terms().by_iri(d.code)
     except Exception:  # noqa: BLE001  (UnknownCodeError: a code the term table lacks)
         raise AdaptError("adapt", f"the lab code {d.code!r:.120} is not a term of the table") from None
-    return MarkerObservation(**_common(d), code=term.code, value=_value(d), unit=d.unit or term.canonical_unit or "1")
+    value = _value(d)
+    return MarkerObservation(
+        **_common(d), code=term.code, value=value, unit=d.unit or term.canonical_unit or "1", **_censoring(d, value),
+    )
 
 
 def _ctdna(d: DecodedObservation) -> CtdnaObservation:
     if d.ctdna_measure != "tumor_fraction":
         raise Unsupported("ctdna", f"ctDNA measure {d.ctdna_measure!r} has no observation operator (tumor_fraction only)")
-    return CtdnaObservation(**_common(d), tumor_fraction=_value(d))
+    value = _value(d)
+    return CtdnaObservation(**_common(d), tumor_fraction=value, **_censoring(d, value))
 
 
 def _treatment(d: DecodedObservation) -> TreatmentEvent:
@@ -176,13 +199,28 @@ def _treatment(d: DecodedObservation) -> TreatmentEvent:
         raise AdaptError("adapt", f"the {kind} event has no finite dose")
     allowed = RADIOTHERAPY_UNITS if kind == "radiotherapy" else CHEMO_UNITS
     if d.dose_unit not in allowed:
-        # mg or mg/kg cannot become mg/m2 without the body surface area: refusing is honest,
-        # using the number as if it were mg/m2 would corrupt the twin silently.
-        raise AdaptError("adapt", f"a {kind} dose in {d.dose_unit!r} cannot be used: the model needs {sorted(allowed)}")
+        raise AdaptError("adapt", f"a {kind} dose in {d.dose_unit!r} cannot be used: expected one of {sorted(allowed)}")
+    # A dose that stayed in mg or mg/kg says so in its unit: nothing here guesses a body size.
+    reported = d.reported_value is not None
     return TreatmentEvent(
         **_common(d), kind=kind, dose=float(d.dose), unit=str(d.dose_unit), drug=d.drug_name,
-        planned=bool(d.planned),
+        planned=bool(d.planned), **_drug_code(d.drug_codes),
+        reported_dose=d.reported_value if reported else float(d.dose),
+        reported_unit=d.reported_unit if reported else str(d.dose_unit),
+        total_dose_mg=d.total_dose_mg, body_weight_kg=d.body_weight_kg, body_surface_area_m2=d.body_surface_area_m2,
+        route=d.route, fraction_number=d.fraction_number, fractions_planned=d.fractions_planned, target=d.target,
+        cycle=d.cycle, cycles_planned=d.cycles_planned, day_of_cycle=d.day_of_cycle,
+        cycle_length_days=d.cycle_length_days, regimen=d.regimen, line_of_therapy=d.line_of_therapy,
     )
+
+
+def _drug_code(codes: tuple[str, ...]) -> dict[str, str | None]:
+    """The drug's code and system among the IRIs it was published with, RxNorm first."""
+    for system in ("rxnorm", "ncit", "snomed", "atc"):
+        for iri in codes:
+            if iri.startswith(NAMESPACES[system]):
+                return {"drug_code": iri[len(NAMESPACES[system]):], "drug_system": system}
+    return {"drug_code": None, "drug_system": None}
 
 
 # -- imaging ------------------------------------------------------------------------------------
@@ -226,23 +264,39 @@ def _density(array: np.ndarray, field: str) -> np.ndarray:
     return np.clip(values, 0.0, 1.0)
 
 
-def _segmentation(array: np.ndarray) -> np.ndarray:
-    # Integer masks count any positive label; soft masks from 0.5 (as stream.imaging measures).
-    mask = array > 0 if array.dtype.kind in "iub" else array >= 0.5
-    return mask.astype(np.float32)
+def _segmentation(array: np.ndarray, d: DecodedObservation) -> dict[str, Any]:
+    """The segmentation's tumour mask (0/1 float32: the union of its tumour labels) and, for a
+    label map, the map and what each label means. The labels the normalizer published are
+    checked against the map again (the same rule, stream.imaging.segmentation_labels)."""
+    if (array < 0).any():
+        raise AdaptError("nifti", "segmentation: the image holds negative values (a mask or label map is >= 0)")
+    explicit = dict(d.segmentation_labels) if d.label_convention == "explicit" and d.segmentation_labels else None
+    mask, meanings, convention = segmentation_labels(array, explicit, "segmentation")
+    return {
+        "segmentation": mask.astype(np.float32),
+        "labels": array.astype(np.int64) if meanings is not None else None,
+        "label_meanings": dict(meanings) if meanings is not None else None,
+        "label_convention": convention,
+    }
 
 
-def _tissue(array: np.ndarray, field: str) -> np.ndarray:
+def _tissue(array: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [X, Y, Z] int64 of models.tissue, CSF mask [X, Y, Z] bool): CSF becomes 0."""
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise AdaptError("nifti", f"{field}: tissue labels must be integers")
     labels = array.astype(np.int64)
     found = set(np.unique(labels).tolist())
     if not found <= TISSUE_LABELS:
-        raise AdaptError("nifti", f"{field}: tissue labels must be 0 (outside), 1 (gray) or 2 (white matter), found {sorted(found)}")
+        raise AdaptError(
+            "nifti", f"{field}: tissue labels must be 0 (outside), 1 (gray matter), 2 (white matter) or 3 (CSF, "
+            f"ventricles), found {sorted(found)[:10]}",
+        )
+    csf = labels == CSF_LABEL
+    labels[csf] = 0
     if not (labels > 0).any():
         raise AdaptError("nifti", f"{field}: the tissue map has no brain voxel")
-    return labels
+    return labels, csf
 
 
 def tissue_claim(decoded: DecodedObservation, document: bytes | None) -> ClaimCheck | None:
@@ -301,21 +355,23 @@ def _imaging(d: DecodedObservation, config: AdaptConfig, document: bytes | None)
     if spacing is None:
         raise AdaptError("adapt", "the imaging study has no voxel spacing")
     spacing = tuple(float(h) for h in spacing)  # type: ignore[assignment]
-    density = segmentation = tissue = None
+    density = tissue = csf = None
+    segmentation: dict[str, Any] = {}
     if d.density_map is not None:
         density = _density(_load(_claim_dict(d.density_map), "densityMap", config, spacing), "densityMap")
     if d.segmentation is not None:
-        segmentation = _segmentation(_load(_claim_dict(d.segmentation), "segmentation", config, spacing))
+        segmentation = _segmentation(_load(_claim_dict(d.segmentation), "segmentation", config, spacing), d)
     claim = tissue_claim(d, document)
     if claim is not None:
-        tissue = _tissue(_load(_claim_dict(claim), "tissueMap", config, spacing), "tissueMap")
+        tissue, csf = _tissue(_load(_claim_dict(claim), "tissueMap", config, spacing), "tissueMap")
     else:
         found = _fallback_tissue_path(d, config)
         if found is not None:
             uri, path = found
-            tissue = _tissue(_read_volume(path, f"tissue map {uri} (fallback)", spacing), f"tissue map {uri}")
+            tissue, csf = _tissue(_read_volume(path, f"tissue map {uri} (fallback)", spacing), f"tissue map {uri}")
     volume = d.volume_ml if d.volume_ml is not None and math.isfinite(d.volume_ml) else None
     return ImagingObservation(
-        **_common(d), spacing_mm=spacing, density=density, segmentation=segmentation, tissue=tissue,  # type: ignore[arg-type]
-        tumor_volume_ml=volume, modality=d.modality or "MR",
+        **_common(d), spacing_mm=spacing, density=density, tissue=tissue,  # type: ignore[arg-type]
+        tumor_volume_ml=volume, modality=d.modality or "MR", csf=csf if csf is not None and csf.any() else None,
+        **segmentation,
     )

@@ -3,6 +3,11 @@
 ``decode_jsonld`` reads the JSON-LD the normalizer publishes without an RDF library (the
 worker's hot path); ``decode_graph`` reads the same facts from an rdflib graph (from the RDF
 store, or JSON-LD that another tool re-serialized). Both go through one decoder, so they agree.
+
+Every fact the graph holds comes back: a censored result's comparator (the value is then the
+limit), its limit of detection and the assay's reading; a drug's codes, the body size and the
+dose as reported; a treatment's place in its course; a segmentation's label map; when the feed
+recorded the event; and the event's extensions (field path, JSON text).
 """
 
 from __future__ import annotations
@@ -61,6 +66,16 @@ class DecodedObservation:
     source_topic: str | None = None
     source_partition: int | None = None
     source_offset: int | None = None
+    recorded_at: datetime | None = None  # when the feed recorded the event
+    # fields the contract does not name: ((path, value as JSON text), ...), by path
+    extensions: tuple[tuple[str, str], ...] = ()
+    # lab, ctdna: a censored result ("<", "<=", ">=", ">"; None: a measurement), whose value
+    # is then the limit; below_lod: sent as below the limit of detection; the lod and the
+    # assay's reading under it, in the canonical unit
+    comparator: str | None = None
+    below_lod: bool = False
+    detection_limit: float | None = None
+    assay_reading: float | None = None
     # ctdna
     ctdna_measure: str | None = None
     gene: str | None = None
@@ -77,15 +92,48 @@ class DecodedObservation:
     segmentation: ClaimCheck | None = None
     density_map: ClaimCheck | None = None
     tissue_map: ClaimCheck | None = None
+    segmentation_labels: tuple[tuple[int, str], ...] | None = None  # (label, meaning), by label
+    label_convention: str | None = None  # explicit, brats, binary, soft (stream.imaging)
     # treatment
     treatment_type: str | None = None  # radiotherapy, chemotherapy, surgery
     dose: float | None = None
     dose_unit: str | None = None
     drug_name: str | None = None
     rxnorm: str | None = None
+    drug_codes: tuple[str, ...] = ()  # IRIs, sorted: the code sent and the table's other codes of the drug
+    route: str | None = None
+    body_weight_kg: float | None = None
+    body_surface_area_m2: float | None = None
+    total_dose_mg: float | None = None  # the dose in mg, where the event made it computable
     fraction_number: int | None = None
+    fractions_planned: int | None = None
+    target: str | None = None
+    cycle: int | None = None
+    cycles_planned: int | None = None
+    day_of_cycle: int | None = None
+    cycle_length_days: float | None = None
+    regimen: str | None = None
+    line_of_therapy: int | None = None
     planned: bool | None = None
     resection_mask: ClaimCheck | None = None
+
+
+def _names_a_context(document: Any) -> bool:
+    """Whether a JSON-LD document refers to a context by reference (a string in ``@context``,
+    or an ``@import``) anywhere, which a JSON-LD processor would load."""
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            if "@import" in item:
+                return True
+            ctx = item.get("@context")
+            if isinstance(ctx, str) or (isinstance(ctx, list) and any(isinstance(c, str) for c in ctx)):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 # A neutral view of a graph: node key -> {"types": set[str], "props": {predicate: [value]}},
@@ -106,6 +154,10 @@ def decode_jsonld(document: bytes | str | Mapping[str, Any]) -> DecodedObservati
 
         if not isinstance(document, (Mapping, list)):
             raise DecodeError("expected a JSON-LD document (object or array)")
+        if _names_a_context(document):
+            # rdflib would fetch it: a URL that never answers stalls the worker, and file:
+            # URLs read local files. The observations topic carries inline contexts only.
+            raise DecodeError("the JSON-LD refers to a context by URL (or @import): only inline contexts are read")
         graph = Graph()
         try:
             graph.parse(data=json.dumps(document), format="json-ld")
@@ -223,6 +275,29 @@ def _quantity(view: _View | None) -> tuple[float | None, str | None]:
     return view.number(FHIR + "value"), view.text(FHIR + "code")
 
 
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+def _extensions(nodes: _Nodes, resources: dict[str, dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    found = []
+    for key in resources:
+        for value in _View(nodes, key).all(OT + "extension"):
+            view = _View(nodes, value[1])
+            found.append((view.text(OT + "field") or "", view.text(OT + "jsonValue") or "null"))
+    return tuple(sorted(found))
+
+
+def _labels(view: _View) -> tuple[tuple[int, str], ...] | None:
+    labels = []
+    for value in view.all(OT + "segmentationLabel"):
+        label = _View(view.nodes, value[1])
+        number, meaning = label.integer(OT + "labelValue"), label.text(OT + "labelMeaning")
+        if number is not None and meaning is not None:
+            labels.append((number, meaning))
+    return tuple(sorted(labels)) if labels else None
+
+
 def _claim(view: _View | None) -> ClaimCheck | None:
     if view is None:
         return None
@@ -268,6 +343,8 @@ def _decode(nodes: _Nodes) -> DecodedObservation:
         "source_topic": primary.text(OT + "sourceTopic"),
         "source_partition": primary.integer(OT + "sourcePartition"),
         "source_offset": primary.integer(OT + "sourceOffset"),
+        "recorded_at": _time(primary.text(FHIR + "issued") or primary.text(OT + "recordedAt")),
+        "extensions": _extensions(nodes, resources),
     }
     if kind == "treatment":
         return _treatment(procedure or medication, common)  # type: ignore[arg-type]
@@ -281,20 +358,33 @@ def _decode(nodes: _Nodes) -> DecodedObservation:
             series_uid=study.text(OT + "seriesInstanceUid"),
             voxel_spacing_mm=spacing if all(v is not None for v in spacing) else None,
             dicom=_claim(study.child(OT + "dicom")),
+            # A study with no measure derived from it is the resource the claim checks are on.
+            segmentation=_claim(study.child(OT + "segmentation")),
+            density_map=_claim(study.child(OT + "densityMap")),
+            tissue_map=_claim(study.child(OT + "tissueMap")),
+            segmentation_labels=_labels(study),
+            label_convention=study.text(OT + "labelConvention"),
         )
     time_text = (obs or study).text(FHIR + "effectiveDateTime") if obs else study.text(FHIR + "started")  # type: ignore[union-attr]
     value = unit = reported_value = reported_unit = None
     code = ""
     if obs is not None:
         code = obs.text(FHIR + "code") or ""
-        value, unit = _quantity(obs.child(FHIR + "valueQuantity"))
+        quantity = obs.child(FHIR + "valueQuantity")
+        value, unit = _quantity(quantity)
         reported_value, reported_unit = _quantity(obs.child(OT + "reportedQuantity"))
         centroid = tuple(obs.number(OT + f"centroid{a}") for a in "XYZ")
         fields.update(
-            segmentation=_claim(obs.child(OT + "segmentation")),
-            density_map=_claim(obs.child(OT + "densityMap")),
-            tissue_map=_claim(obs.child(OT + "tissueMap")),
+            segmentation=_claim(obs.child(OT + "segmentation")) or fields.get("segmentation"),
+            segmentation_labels=_labels(obs) or fields.get("segmentation_labels"),
+            label_convention=obs.text(OT + "labelConvention") or fields.get("label_convention"),
+            density_map=_claim(obs.child(OT + "densityMap")) or fields.get("density_map"),
+            tissue_map=_claim(obs.child(OT + "tissueMap")) or fields.get("tissue_map"),
             centroid_mm=centroid if all(v is not None for v in centroid) else None,
+            comparator=quantity.text(FHIR + "comparator") if quantity is not None else None,
+            below_lod=bool(obs.boolean(OT + "belowDetectionLimit")),
+            detection_limit=_quantity(obs.child(OT + "detectionLimit"))[0],
+            assay_reading=_quantity(obs.child(OT + "assayReading"))[0],
         )
         if kind == "imaging":
             fields["volume_ml"] = value
@@ -313,7 +403,7 @@ def _decode(nodes: _Nodes) -> DecodedObservation:
         raise DecodeError("the resource has no event time")
     return DecodedObservation(
         **common,
-        time=datetime.fromisoformat(time_text.replace("Z", "+00:00")),
+        time=_time(time_text),  # type: ignore[arg-type]  (not empty: checked above)
         resource_type="Observation" if obs is not None else "ImagingStudy",
         code=code,
         value=value,
@@ -332,10 +422,20 @@ def _treatment(resource: _View, common: dict[str, Any]) -> DecodedObservation:
         dose, dose_unit = _quantity(dosage.child(FHIR + "dose") if dosage is not None else None)
         time_text = resource.text(FHIR + "effectiveDateTime")
         code = resource.text(FHIR + "category") or ""
-        rx = resource.text(FHIR + "medicationCodeableConcept")
+        codes = tuple(sorted({str(v[1]) for v in resource.all(FHIR + "medicationCodeableConcept") if v[0] == "iri"}))
+        rx = next((c for c in codes if c.startswith(RXNORM)), None)
         extra: dict[str, Any] = {
             "drug_name": resource.text(OT + "drugName"),
-            "rxnorm": rx[len(RXNORM):] if rx and rx.startswith(RXNORM) else None,
+            "rxnorm": rx[len(RXNORM):] if rx else None,
+            "drug_codes": codes,
+            "route": dosage.text(FHIR + "route") if dosage is not None else None,
+            "body_weight_kg": _quantity(resource.child(OT + "bodyWeight"))[0],
+            "body_surface_area_m2": _quantity(resource.child(OT + "bodySurfaceArea"))[0],
+            "total_dose_mg": _quantity(resource.child(OT + "totalDose"))[0],
+            "cycle": resource.integer(OT + "cycle"),
+            "cycles_planned": resource.integer(OT + "cyclesPlanned"),
+            "day_of_cycle": resource.integer(OT + "dayOfCycle"),
+            "cycle_length_days": resource.number(OT + "cycleLengthDays"),
         }
         resource_type = "MedicationAdministration"
     else:
@@ -344,6 +444,8 @@ def _treatment(resource: _View, common: dict[str, Any]) -> DecodedObservation:
         code = resource.text(FHIR + "code") or ""
         extra = {
             "fraction_number": resource.integer(OT + "fractionNumber"),
+            "fractions_planned": resource.integer(OT + "fractionsPlanned"),
+            "target": resource.text(OT + "target"),
             "resection_mask": _claim(resource.child(OT + "resectionMask")),
         }
         resource_type = "Procedure"
@@ -352,7 +454,7 @@ def _treatment(resource: _View, common: dict[str, Any]) -> DecodedObservation:
         raise DecodeError("the treatment has no event time")
     return DecodedObservation(
         **common,
-        time=datetime.fromisoformat(time_text.replace("Z", "+00:00")),
+        time=_time(time_text),  # type: ignore[arg-type]  (not empty: checked above)
         resource_type=resource_type,
         code=code,
         value=dose,
@@ -363,5 +465,7 @@ def _treatment(resource: _View, common: dict[str, Any]) -> DecodedObservation:
         dose=dose,
         dose_unit=dose_unit,
         planned=resource.boolean(OT + "planned"),
+        regimen=resource.text(OT + "regimen"),
+        line_of_therapy=resource.integer(OT + "lineOfTherapy"),
         **extra,
     )

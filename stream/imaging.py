@@ -12,7 +12,9 @@ event is published the normalizer:
   study and series instance UIDs match the event, with sane dates, and whose pixel data element
   is complete (a truncated file is caught without reading the pixels);
 - reads the segmentation and density map (NIfTI) and derives the tumour volume (mL) and the
-  centroid (mm, in the image's world coordinates).
+  centroid (mm, in the image's world coordinates); decides what each label of the segmentation
+  means (``segmentation_labels``: the event's mapping, checked against the labels the map
+  holds, or the BraTS convention, or a plain tumour mask) and counts the tumour labels only.
 
 Errors are ``FileCheckError``s whose message names the field and says what was expected. Patient
 identifying DICOM attributes (PatientName, PatientID, ...) are never read into a message.
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from schemas.terms import BRATS_LABELS, TUMOUR_MEANINGS
 from stream.rdf import ClaimCheckFacts, FileFacts
 
 # Segmentations stored as floating point (soft masks) count a voxel as tumour from this value.
@@ -261,6 +264,8 @@ def check_dicom(path: Path, body: Mapping[str, Any], occurred_at: datetime, now:
         ("StudyInstanceUID", "(0020,000D)", "study_uid"),
         ("SeriesInstanceUID", "(0020,000E)", "series_uid"),
     ):
+        if key not in body:
+            continue  # a study named by its study UID alone: any of its series is the study's
         value = text(keyword)
         if value != body[key]:
             shown = repr(value) if value else f"no {keyword}"
@@ -365,11 +370,79 @@ def _native_pixel_bytes(ds: Any) -> int | None:
 class VolumeMeasures:
     volume_ml: float | None
     centroid_mm: tuple[float, float, float] | None
+    labels: tuple[tuple[int, str], ...] | None = None  # a segmentation's (label, meaning), by label
+    label_convention: str | None = None  # explicit, brats, binary or soft (segmentation_labels)
 
 
-def measure_nifti(path: Path, digest: str, content: str, spacing_mm: tuple[float, float, float], field: str) -> VolumeMeasures:
-    """Volume (mL, segmentations only) and centroid (mm) of a segmentation or density map."""
-    key = (digest, content, spacing_mm)
+def segmentation_labels(
+    data: np.ndarray, explicit: Mapping[int, str] | None, field: str = "body.segmentation_uri"
+) -> tuple[np.ndarray, tuple[tuple[int, str], ...] | None, str]:
+    """(tumour mask [X, Y, Z] bool, ((label, meaning), ...) or None, convention) of a segmentation.
+
+    A map of integers (or of floats that are all integral) is a label map: with ``explicit``
+    (the event's segmentation_labels) every label it holds must be listed there, 0 aside (the
+    background unless listed otherwise) -> "explicit"; without, one positive label is a plain
+    tumour mask -> "binary", positive labels among 1 to 4 follow BRATS_LABELS -> "brats", and
+    any other map is refused. Any other float map is a soft mask, tumour from
+    SOFT_MASK_THRESHOLD -> "soft" (and refuses ``explicit``: a soft mask has no labels). The
+    tumour mask is the union of the tumour labels. Raises FileCheckError (stage nifti) naming
+    the field at fault."""
+    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+        if explicit:
+            raise FileCheckError(
+                "nifti", "body.segmentation_labels",
+                "the segmentation is a soft mask (values that are not integers), which has no labels to map: "
+                "send an integer label map or leave segmentation_labels out",
+            )
+        return data >= SOFT_MASK_THRESHOLD, None, "soft"
+    labels = data.astype(np.int64, copy=False)
+    found = _labels_in(labels)
+    if explicit:
+        listed = {int(k): str(v) for k, v in explicit.items()}
+        unlisted = sorted(found - set(listed) - {0})
+        if unlisted:
+            raise FileCheckError(
+                "nifti", "body.segmentation_labels",
+                f"the segmentation holds label(s) {unlisted[:10]} that segmentation_labels does not list "
+                f"(it lists {sorted(listed)[:20]}): every label of the map must say what it means",
+            )
+        meanings = {0: "background", **listed} if 0 not in listed else listed
+        convention = "explicit"
+    else:
+        positive = sorted(found - {0})
+        if len(positive) <= 1:
+            meanings = {0: "background", **{label: "tumor" for label in positive}}
+            convention = "binary"
+        elif set(positive) <= set(BRATS_LABELS):
+            meanings = {0: "background", **{label: BRATS_LABELS[label] for label in positive}}
+            convention = "brats"
+        else:
+            raise FileCheckError(
+                "nifti", field,
+                f"the segmentation holds the labels {positive[:10]}: several tumour labels outside the BraTS "
+                "convention (1 necrosis, 2 oedema, 3 or 4 enhancing); send segmentation_labels to say what each means",
+            )
+    tumour = sorted(label for label, meaning in meanings.items() if meaning in TUMOUR_MEANINGS)
+    return np.isin(labels, tumour), tuple(sorted(meanings.items())), convention
+
+
+def _labels_in(labels: np.ndarray) -> set[int]:
+    """The distinct labels of a non-negative integer map (bincount: one pass, no sort)."""
+    if labels.size == 0:
+        return set()
+    top = int(labels.max())
+    if top <= 1 << 20:
+        return {int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=1))}
+    return {int(v) for v in np.unique(labels)}
+
+
+def measure_nifti(
+    path: Path, digest: str, content: str, spacing_mm: tuple[float, float, float], field: str,
+    labels: Mapping[int, str] | None = None,
+) -> VolumeMeasures:
+    """Volume (mL, segmentations only: its tumour labels, see ``segmentation_labels``, which
+    ``labels`` is passed to) and centroid (mm) of a segmentation or density map."""
+    key = (digest, content, spacing_mm, tuple(sorted(labels.items())) if labels else None)
     cached = _MEASURES.get(key)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
@@ -393,13 +466,14 @@ def measure_nifti(path: Path, digest: str, content: str, spacing_mm: tuple[float
         raise FileCheckError("nifti", field, "the image holds NaN or infinite values")
     if (values < 0).any():
         raise FileCheckError("nifti", field, "the image holds negative values (a mask or density is >= 0)")
+    found_labels = convention = None
     if content == "density":
         if (values > 1.0 + 1e-6).any():
             raise FileCheckError("nifti", field, "a density (cellularity) map holds fractions within [0, 1]; found values above 1")
         weights = values
         volume = None
     else:
-        mask = values > 0 if np.issubdtype(data.dtype, np.integer) or data.dtype == bool else values >= SOFT_MASK_THRESHOLD
+        mask, found_labels, convention = segmentation_labels(values if data.dtype.kind == "f" else data, labels, field)
         weights = mask.astype(np.float64)
         # The product of the voxel sizes (pixdim) is exact where the determinant is not.
         voxel_ml = float(np.prod(zooms)) / 1000.0
@@ -412,7 +486,7 @@ def measure_nifti(path: Path, digest: str, content: str, spacing_mm: tuple[float
         )
         xyz = affine[:3, :3] @ ijk + affine[:3, 3]
         centroid = (float(xyz[0]), float(xyz[1]), float(xyz[2]))
-    result = VolumeMeasures(volume, centroid)
+    result = VolumeMeasures(volume, centroid, found_labels, convention)
     _MEASURES.put(key, result)
     return result
 
@@ -437,7 +511,7 @@ def file_facts(event: Mapping[str, Any], config: ImagingConfig, now: datetime, o
         return _NO_FILES
     spacing = tuple(float(v) for v in body["voxel_spacing_mm"])
     dicom_facts = seg_facts = density_facts = None
-    volume = centroid = centroid_source = None
+    volume = centroid = centroid_source = labels = convention = None
     if body.get("dicom_uri") is not None:
         dicom = resolve(body["dicom_uri"], "body.dicom_uri", config, url_allowed=True)
         dicom_facts = dicom.facts
@@ -450,8 +524,12 @@ def file_facts(event: Mapping[str, Any], config: ImagingConfig, now: datetime, o
         fmt = body["segmentation_uri"].get("format", "nifti")
         if fmt != "nifti":
             raise FileCheckError("nifti", "body.segmentation_uri.format", f"only NIfTI segmentations are read, not {fmt!r}")
-        measures = measure_nifti(seg.path, seg.facts.sha256, "segmentation", spacing, "body.segmentation_uri")  # type: ignore[arg-type]
+        measures = measure_nifti(
+            seg.path, seg.facts.sha256, "segmentation", spacing, "body.segmentation_uri",  # type: ignore[arg-type]
+            labels=body.get("segmentation_labels"),
+        )
         volume, centroid = measures.volume_ml, measures.centroid_mm
+        labels, convention = measures.labels, measures.label_convention
         centroid_source = "segmentation" if centroid is not None else None
     density_claim = body.get("measures", {}).get("cellularity_map_uri")
     if density_claim is not None:
@@ -474,4 +552,6 @@ def file_facts(event: Mapping[str, Any], config: ImagingConfig, now: datetime, o
         segmentation=seg_facts,
         density_map=density_facts,
         tissue_map=tissue_facts,
+        segmentation_labels=labels,
+        label_convention=convention,
     )

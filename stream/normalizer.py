@@ -6,14 +6,17 @@ for each, either an ``Observation`` ready to publish (key, value, headers, times
 in order (each failure names its stage in the dead letter):
 
     size -> parse (UTF-8 JSON without a byte-order mark, no key twice in an object)
-    -> fhir (a FHIR Observation on the lab or ctdna topic is converted)
+    -> fhir (a FHIR Observation on the lab or ctdna topic, a MedicationAdministration on the
+       treatment topic, is converted)
     -> schema / code / unit (schemas.normalize_event: the contract, terms and canonical units)
     -> routing (the event's kind is the topic's; a record key, if any, is the event's patient)
     -> time (not far in the future)
     -> claim-check / dicom / nifti (stream.imaging) -> RDF -> shacl (the whole batch at once)
 
 Nothing a record holds can raise out of ``process``: an unexpected failure becomes a dead letter
-of stage ``internal`` (and is logged with its traceback).
+of stage ``internal`` (and is logged with its traceback). Fields the contract does not name are
+carried through as extensions, never refused; the first time a field path is seen on a topic
+it is logged (the path only, never its value), so a feed's new fields come to notice.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import orjson
 from schemas import ContractError, EventValidationError, normalize_event, parse_time
 from schemas.validate import format_path
 from stream.deadletter import DeadLetter, Issue
-from stream.fhir import FhirError, is_fhir, observation_to_event
+from stream.fhir import RESOURCE_TOPIC_KINDS, FhirError, is_fhir, resource_to_event
 from stream.imaging import FileCheckError, ImagingConfig, file_facts
 from stream.producer import record_headers, timestamp_ms
 from stream.rdf import CONTENT_TYPE_JSONLD, EventGraph, Provenance, build_event_graph
@@ -51,7 +54,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "ONCOTWIN_SHACL_ENGINE": ("compiled", "compiled (fast, SHACL Core subset checked against pyshacl) or pyshacl"),
 }
 
-FHIR_TOPIC_KINDS = ("lab", "ctdna")
+FHIR_TOPIC_KINDS = tuple(dict.fromkeys(k for kinds in RESOURCE_TOPIC_KINDS.values() for k in kinds))
+# Extension field paths already logged, per topic: bounded, as feeds could send ever new names.
+_MAX_LOGGED_EXTENSIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,7 @@ class Normalizer:
         self.clock = clock
         self.shapes = shapes or ShapeValidator(settings.shacl_engine)
         self.imaging = ImagingConfig(settings.imaging_root, settings.dicomweb_base, settings.future_skew)
+        self._extension_paths: set[tuple[str, str]] = set()
 
     # -- per record ----------------------------------------------------------------------
 
@@ -219,13 +225,17 @@ class Normalizer:
     def _prepare_document(self, record: SourceRecord, document: Any, now: datetime) -> Observation | DeadLetter:
         topic_kind = self.topics.kind_of(record.topic)
         if is_fhir(document):
-            if topic_kind not in FHIR_TOPIC_KINDS:
+            resource_type = document.get("resourceType")
+            kinds = RESOURCE_TOPIC_KINDS.get(resource_type) if isinstance(resource_type, str) else None
+            if kinds is not None and topic_kind not in kinds:
                 return self._dead(
                     record, "fhir",
-                    f"FHIR resources are accepted on the lab and ctdna topics only, not on {record.topic}",
+                    f"resourceType: a FHIR {resource_type} is accepted on the {' and '.join(kinds)} "
+                    f"topic{'s' if len(kinds) > 1 else ''} only, not on {record.topic}",
+                    issues=(Issue("resourceType", "not accepted on this topic"),),
                 )
             try:
-                document = observation_to_event(document, source=f"fhir:{record.topic}").event
+                document = resource_to_event(document, source=f"fhir:{record.topic}").event
             except FhirError as exc:
                 return self._dead(record, "fhir", f"{exc.field}: {exc.reason}", issues=(Issue(exc.field, exc.reason),))
 
@@ -269,7 +279,19 @@ class Normalizer:
         except FileCheckError as exc:
             return self._dead(record, exc.stage, str(exc), issues=(Issue(exc.field, exc.reason),), document=event)
         graph = build_event_graph(event, Provenance(record.topic, record.partition, record.offset), files)
+        if event["extensions"]:
+            self._note_extensions(record, event)
         return Observation(event["event_id"], event["patient_id"], kind, occurred_at, graph, record)
+
+    def _note_extensions(self, record: SourceRecord, event: dict[str, Any]) -> None:
+        for path in event["extensions"]:
+            key = (record.topic, path[:200])
+            if key in self._extension_paths or len(self._extension_paths) >= _MAX_LOGGED_EXTENSIONS:
+                continue
+            self._extension_paths.add(key)
+            # The path is a field name the feed chose: logged, its value never is.
+            log.info("extension field %r first seen on %s (event %s, %s[%d]@%d): carried through, not checked",
+                     key[1], record.topic, event["event_id"], record.topic, record.partition, record.offset)
 
     def _dead(
         self,

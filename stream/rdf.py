@@ -10,8 +10,14 @@ system and code) in the term's canonical unit; the value as reported, when it di
 beside it (``ot:reportedQuantity``).
 
 Every resource carries its provenance: ``prov:wasDerivedFrom <urn:uuid:EVENT_ID>`` (the event;
-also the name of the event's graph in N-Quads), the feed, the event kind and schema version,
-and the Kafka topic, partition and offset of the record it came from.
+also the name of the event's graph in N-Quads), the feed, the event kind and schema version
+(as sent), when the feed recorded it (``fhir:issued`` on an Observation, ``ot:recordedAt``
+elsewhere), and the Kafka topic, partition and offset of the record it came from.
+
+Fields the contract does not name (extensions, ``schemas.events.extensions``) are kept on the
+event's primary resource: ``ot:extension [ a ot:Extension ; ot:field "body.phase" ;
+ot:jsonValue "\"concurrent\""^^rdf:JSON ]``, the field's path and its value as JSON text.
+A censored result's quantity carries ``fhir:comparator`` (FHIR Quantity.comparator).
 
 A graph is held as a tree of ``Node``s (resources with nested blank nodes) and emitted from that
 one tree as JSON-LD (published), rdflib triples (pyshacl and tests), N-Quads (the event's named
@@ -22,6 +28,7 @@ drift apart.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,7 +48,7 @@ OT = "https://w3id.org/oncotwin/ns#"  # our own properties and classes
 PROV = "http://www.w3.org/ns/prov#"
 XSD = "http://www.w3.org/2001/XMLSchema#"
 RDF_TYPE = "http://www.w3.org/1999/02/22-rdf-syntax-ns#type"
-RXNORM = "http://purl.bioontology.org/ontology/RXNORM/"
+RXNORM = NAMESPACES["rxnorm"]
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category#"
 UCUM = "http://unitsofmeasure.org"
 
@@ -51,6 +58,7 @@ EVENT_PREFIX = "urn:uuid:"
 # Skolem IRIs (RDF 1.1 §3.5) that stand for an event's blank nodes in the RDF store.
 GENID_BASE = "https://w3id.org/oncotwin/.well-known/genid/"
 
+RDF_JSON = "http://www.w3.org/1999/02/22-rdf-syntax-ns#JSON"  # RDF 1.1 JSON-LD's JSON literal
 XSD_DOUBLE = XSD + "double"
 XSD_DATETIME = XSD + "dateTime"
 XSD_ANYURI = XSD + "anyURI"
@@ -206,8 +214,11 @@ class EventGraph:
 # -- JSON-LD ------------------------------------------------------------------------------
 
 _COMPACT_CACHE: dict[str, str] = {}
-# Longest namespace first, so that a namespace nested in another one wins.
-_PREFIX_ORDER = sorted(PREFIXES.items(), key=lambda kv: -len(kv[1]))
+# Longest namespace first, so that a namespace nested in another one wins. JSON-LD 1.1 reads
+# "p:x" as a compact IRI only where p's IRI ends in a gen-delim (":/?#[]@"): NCIt's
+# ".../NCIT_" does not, so its IRIs are written whole (a reader would take "ncit:C376" for an
+# absolute IRI of scheme "ncit").
+_PREFIX_ORDER = sorted(((p, ns) for p, ns in PREFIXES.items() if ns[-1] in ":/?#[]@"), key=lambda kv: -len(kv[1]))
 
 
 def compact(iri: str) -> str:
@@ -451,6 +462,12 @@ class FileFacts:
     density_map: ClaimCheckFacts | None = None
     tissue_map: ClaimCheckFacts | None = None  # anatomy labels registered to the study
     resection_mask: ClaimCheckFacts | None = None
+    # What each label of the segmentation means, as read (stream.imaging.segmentation_labels):
+    # ((label, meaning), ...) by label, and how that was decided: "explicit" (the event's
+    # segmentation_labels), "brats" (the BraTS convention), "binary" (one tumour label) or
+    # "soft" (a soft mask, no labels); None when no segmentation was read.
+    segmentation_labels: tuple[tuple[int, str], ...] | None = None
+    label_convention: str | None = None
 
 
 def unverified(claim: Mapping[str, Any] | None) -> ClaimCheckFacts | None:
@@ -470,12 +487,30 @@ _FHIR_VALUE, _FHIR_UNIT, _FHIR_SYSTEM, _FHIR_CODE = FHIR + "value", FHIR + "unit
 _UCUM_IRI = Iri(UCUM)
 
 
-def _quantity(value: float, unit: str) -> Node:
-    return Node(
+def _quantity(value: float, unit: str, comparator: str | None = None) -> Node:
+    node = Node(
         None,
         _QUANTITY_TYPES,
         [(_FHIR_VALUE, double(value)), (_FHIR_UNIT, unit), (_FHIR_SYSTEM, _UCUM_IRI), (_FHIR_CODE, unit)],
     )
+    if comparator is not None:
+        node.props.append((_FHIR_COMPARATOR, comparator))
+    return node
+
+
+_FHIR_COMPARATOR = FHIR + "comparator"
+_EXTENSION_TYPES = (OT + "Extension",)
+_OT_EXTENSION, _OT_FIELD, _OT_JSON_VALUE = OT + "extension", OT + "field", OT + "jsonValue"
+
+
+def _extensions(node: Node, event: Mapping[str, Any]) -> None:
+    """The event's extensions (path -> value, schemas.normalize_event) on its primary resource."""
+    for path, value in (event.get("extensions") or {}).items():
+        try:
+            text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        except TypeError:  # an integer beyond 64 bits, which orjson does not write
+            text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        node.add(_OT_EXTENSION, Node(None, _EXTENSION_TYPES, [(_OT_FIELD, path), (_OT_JSON_VALUE, Lit(text, RDF_JSON))]))
 
 
 def _claim_check(facts: ClaimCheckFacts) -> Node:
@@ -516,8 +551,18 @@ def _patient(pseudonym: str) -> Node:
 def _reported(node: Node, quantity: Mapping[str, Any]) -> None:
     """Keep the value as reported when the canonical one differs from it."""
     if quantity["unit"] != quantity["canonical_unit"] or float(quantity["value"]) != float(quantity["canonical_value"]):
-        reported = _quantity(float(quantity["value"]), quantity["unit"])
+        reported = _quantity(float(quantity["value"]), quantity["unit"], quantity.get("comparator"))
         node.add(OT + "reportedQuantity", reported)
+
+
+def _censoring(obs: Node, body: Mapping[str, Any]) -> None:
+    """A result's limit of detection, whether nothing was detected at it, the assay's reading."""
+    if body.get("below_lod") is True:
+        obs.add(OT + "belowDetectionLimit", True)
+    if "canonical_lod" in body:
+        obs.add(OT + "detectionLimit", _quantity(float(body["canonical_lod"]), body["canonical_unit"]))
+    if "canonical_reading" in body:
+        obs.add(OT + "assayReading", _quantity(float(body["canonical_reading"]), body["canonical_unit"]))
 
 
 def _observation(event: Mapping[str, Any], code_iri: str, category: str, source: Provenance) -> Node:
@@ -529,6 +574,9 @@ def _observation(event: Mapping[str, Any], code_iri: str, category: str, source:
     obs.add(FHIR + "effectiveDateTime", date_time(event["occurred_at"]))
     obs.add(FHIR + "issued", date_time(event["recorded_at"]))
     return obs
+
+
+_OT_RECORDED_AT = OT + "recordedAt"
 
 
 def build_event_graph(
@@ -547,8 +595,9 @@ def build_event_graph(
     patient = _patient(event["patient_id"])
     if kind in ("lab", "ctdna"):
         obs = _observation(event, body["term_iri"], "laboratory", source)
-        obs.add(FHIR + "valueQuantity", _quantity(float(body["canonical_value"]), body["canonical_unit"]))
+        obs.add(FHIR + "valueQuantity", _quantity(float(body["canonical_value"]), body["canonical_unit"], body.get("comparator")))
         _reported(obs, body)
+        _censoring(obs, body)
         if kind == "lab":
             obs.add(OT + "specimen", body.get("specimen"))
             obs.add(FHIR + "method", body.get("method"))
@@ -563,11 +612,14 @@ def build_event_graph(
                 )
             obs.add(FHIR + "method", body.get("assay"))
         _provenance(obs, event, source)
+        _extensions(obs, event)
         return EventGraph(event["event_id"], event["patient_id"], kind, [obs, patient])
     if kind == "imaging":
         return _imaging_graph(event, source, files, patient)
     if kind == "treatment":
-        return EventGraph(event["event_id"], event["patient_id"], kind, [_treatment(event, source, files), patient])
+        node = _treatment(event, source, files)
+        _extensions(node, event)
+        return EventGraph(event["event_id"], event["patient_id"], kind, [node, patient])
     raise ValueError(f"unknown event kind {kind!r}")
 
 
@@ -578,10 +630,11 @@ def _imaging_graph(event: Mapping[str, Any], source: Provenance, facts: FileFact
     study.add(FHIR + "status", "available")
     study.add(FHIR + "subject", Iri(patient_iri(event["patient_id"])))
     study.add(FHIR + "started", date_time(event["occurred_at"]))
+    study.add(_OT_RECORDED_AT, date_time(event["recorded_at"]))
     study.add(FHIR + "modality", Iri(body["term_iri"]))
     study.add(OT + "dicomModality", body["modality"])
     study.add(OT + "studyInstanceUid", body["study_uid"])
-    study.add(OT + "seriesInstanceUid", body["series_uid"])
+    study.add(OT + "seriesInstanceUid", body.get("series_uid"))  # a study may come without one
     sx, sy, sz = (float(v) for v in body["voxel_spacing_mm"])
     study.add(OT + "voxelSpacingX", double(sx))
     study.add(OT + "voxelSpacingY", double(sy))
@@ -617,14 +670,25 @@ def _imaging_graph(event: Mapping[str, Any], source: Provenance, facts: FileFact
     segmentation = facts.segmentation or unverified(body.get("segmentation_uri"))
     if segmentation is not None:
         resources[0].add(OT + "segmentation", _claim_check(segmentation))
+    labels, convention = facts.segmentation_labels, facts.label_convention
+    if labels is None and body.get("segmentation_labels"):  # the file was not read: as sent
+        labels, convention = tuple(sorted(body["segmentation_labels"].items())), "explicit"
+    for label, meaning in labels or ():
+        resources[0].add(OT + "segmentationLabel", Node(None, _LABEL_TYPES, [(_OT_LABEL_VALUE, int(label)), (_OT_LABEL_MEANING, meaning)]))
+    resources[0].add(OT + "labelConvention", convention)
     density = facts.density_map or unverified(body.get("measures", {}).get("cellularity_map_uri"))
     if density is not None:
         resources[0].add(OT + "densityMap", _claim_check(density))
     tissue = facts.tissue_map or unverified(body.get("measures", {}).get("tissue_map_uri"))
     if tissue is not None:
         resources[0].add(OT + "tissueMap", _claim_check(tissue))
+    _extensions(resources[0], event)
     resources.append(patient)
     return EventGraph(eid, event["patient_id"], "imaging", resources)
+
+
+_LABEL_TYPES = (OT + "SegmentationLabel",)
+_OT_LABEL_VALUE, _OT_LABEL_MEANING = OT + "labelValue", OT + "labelMeaning"
 
 
 _TREATMENT_CLASS = {"radiotherapy": OT + "RadiotherapyFraction", "surgery": OT + "Surgery"}
@@ -637,6 +701,12 @@ _FHIR_MEDICATION, _FHIR_DOSE, _FHIR_ROUTE, _FHIR_DOSAGE = (
 )
 _OT_DRUG_NAME, _OT_DOSE, _OT_REPORTED, _OT_PLANNED = OT + "drugName", OT + "dose", OT + "reportedQuantity", OT + "planned"
 _OT_FRACTION_NUMBER, _OT_FRACTIONS_PLANNED, _OT_TARGET = OT + "fractionNumber", OT + "fractionsPlanned", OT + "target"
+# Course facts: body field -> predicate (integers, and the regimen's name; cycle_length_days,
+# a number of days, is added as an xsd:double apart).
+_COURSE = {
+    "cycle": OT + "cycle", "cycles_planned": OT + "cyclesPlanned", "day_of_cycle": OT + "dayOfCycle",
+    "line_of_therapy": OT + "lineOfTherapy", "regimen": OT + "regimen",
+}
 
 
 def _treatment(event: Mapping[str, Any], source: Provenance, facts: FileFacts) -> Node:
@@ -650,14 +720,25 @@ def _treatment(event: Mapping[str, Any], source: Provenance, facts: FileFacts) -
         node.add(_FHIR_STATUS, "in-progress" if planned else "completed")
         node.add(_FHIR_CATEGORY, Iri(body["term_iri"]))
         drug = body["drug"]
-        if drug.get("rxnorm"):
-            node.add(_FHIR_MEDICATION, Iri(RXNORM + drug["rxnorm"]))
-        node.add(_OT_DRUG_NAME, drug["name"])
+        # Like a CodeableConcept's codings: the code sent and the table's other codes of it.
+        for code in drug.get("codes", ()):
+            node.add(_FHIR_MEDICATION, Iri(code))
+        node.add(_OT_DRUG_NAME, drug.get("name"))
         node.add(_FHIR_SUBJECT, Iri(patient_iri(event["patient_id"])))
         node.add(_FHIR_EFFECTIVE, date_time(event["occurred_at"]))
         dosage = Node(None, (), [(_FHIR_DOSE, _quantity(float(dose["canonical_value"]), dose["canonical_unit"]))])
         dosage.add(_FHIR_ROUTE, body.get("route"))
         node.add(_FHIR_DOSAGE, dosage)
+        if dose["unit"] != dose["canonical_unit"]:
+            node.add(_OT_REPORTED, _quantity(float(dose["value"]), dose["unit"]))
+        if dose.get("mg") is not None:
+            node.add(OT + "totalDose", _quantity(float(dose["mg"]), "mg"))
+        if body.get("body_weight_kg") is not None:
+            node.add(OT + "bodyWeight", _quantity(float(body["body_weight_kg"]), "kg"))
+        if body.get("body_surface_area_m2") is not None:
+            node.add(OT + "bodySurfaceArea", _quantity(float(body["body_surface_area_m2"]), "m2"))
+        if body.get("cycle_length_days") is not None:
+            node.add(OT + "cycleLengthDays", double(float(body["cycle_length_days"])))
     else:
         node = Node(resource_iri("Procedure", eid), _PROCEDURE_TYPES[kind])
         node.add(_FHIR_STATUS, "preparation" if planned else "completed")
@@ -676,6 +757,9 @@ def _treatment(event: Mapping[str, Any], source: Provenance, facts: FileFacts) -
             mask = facts.resection_mask or unverified(body.get("resection_mask_uri"))
             if mask is not None:
                 node.add(OT + "resectionMask", _claim_check(mask))
+    for field_name, predicate in _COURSE.items():
+        node.add(predicate, body.get(field_name))
     node.add(_OT_PLANNED, planned)
+    node.add(_OT_RECORDED_AT, date_time(event["recorded_at"]))
     _provenance(node, event, source)
     return node

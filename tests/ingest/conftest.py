@@ -79,6 +79,12 @@ def r4_observation_examples() -> Path:
     return _fhir_package("hl7.fhir.r4.examples@4.0.1", "package", members="package/Observation-")
 
 
+@pytest.fixture(scope="session")
+def r4_medication_administration_examples() -> Path:
+    """The MedicationAdministration examples of the same FHIR R4 examples package."""
+    return _fhir_package("hl7.fhir.r4.examples@4.0.1", "package", members="package/MedicationAdministration-")
+
+
 def _fhir_package(spec: str, examples: str, members: str | None = None) -> Path:
     """``examples`` (a folder) of the npm package ``spec`` (name@version), packed into
     FHIR_CACHE once and unpacked there (only the members starting with ``members``, if given).
@@ -86,7 +92,8 @@ def _fhir_package(spec: str, examples: str, members: str | None = None) -> Path:
     name, version = spec.split("@")
     package_dir = FHIR_CACHE / f"{name}-{version}"
     folder = package_dir / examples
-    if folder.is_dir() and any(folder.glob("Observation-*.json")):
+    wanted = (members.rsplit("/", 1)[-1] if members else "Observation-") + "*.json"
+    if folder.is_dir() and any(folder.glob(wanted)):
         return folder
     FHIR_CACHE.mkdir(parents=True, exist_ok=True)
     tarball = FHIR_CACHE / f"{name}-{version}.tgz"

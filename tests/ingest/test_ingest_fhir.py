@@ -183,3 +183,65 @@ def test_r4_example_observations_are_normalized_or_dead_lettered_with_a_reason(r
                 stages[outcome.stage] = stages.get(outcome.stage, 0) + 1
     # Both kinds of refusal occur: the FHIR conversion's and the term table's.
     assert stages.get("fhir", 0) > 0 and stages.get("code", 0) > 0
+
+
+# -- MedicationAdministration on the treatment topic ---------------------------------------------
+
+
+def test_mcode_medication_administrations_normalize_as_drug_treatments(mcode_examples: Path) -> None:
+    """mCODE 4.0.0's CancerRelatedMedicationAdministration examples: each is a given dose in
+    UCUM mg of an RxNorm-coded drug, and becomes a chemotherapy event carrying that drug and dose
+    (in mg: the examples give no body size to convert it)."""
+    files = sorted(mcode_examples.glob("MedicationAdministration-*.json"))
+    assert len(files) >= 5
+    for path in files:
+        resource = json.loads(path.read_text(encoding="utf-8"))
+        outcome = _normalize(resource, "treatment")
+        assert isinstance(outcome, Observation), (path.name, getattr(outcome, "reason", ""))
+        decoded = decode_jsonld(outcome.value)
+        coding = resource["medicationCodeableConcept"]["coding"][0]
+        dose = resource["dosage"]["dose"]
+        assert decoded.kind == "treatment" and decoded.treatment_type == "chemotherapy"
+        assert decoded.rxnorm == coding["code"] and decoded.drug_name
+        assert (decoded.dose, decoded.dose_unit) == (pytest.approx(dose["value"]), dose["code"])
+        assert decoded.patient_id == resource["subject"]["reference"].split("/")[-1]
+
+
+def test_r4_medication_administrations_are_normalized_or_dead_lettered_with_a_reason(
+    r4_medication_administration_examples: Path,
+) -> None:
+    """The official FHIR R4 MedicationAdministration examples (infusions in mL, tablets, patches,
+    insulin units, a held and a cancelled one): what is a given dose in mg, mg/m2 or mg/kg of a
+    named or coded drug normalizes; the rest is dead-lettered with a reason naming the element."""
+    files = sorted(r4_medication_administration_examples.glob("MedicationAdministration-*.json"))
+    assert len(files) >= 10
+    normalized = 0
+    for path in files:
+        resource = json.loads(path.read_text(encoding="utf-8"))
+        outcome = _normalize(resource, "treatment")
+        dose = (resource.get("dosage") or {}).get("dose") or {}
+        if isinstance(outcome, Observation):
+            decoded = decode_jsonld(outcome.value)
+            assert resource["status"] in ("completed", "in-progress") and dose.get("code") in ("mg", "mg/m2", "mg/kg")
+            assert decoded.reported_unit in (None, dose["code"]) and decoded.drug_name
+            normalized += 1
+        else:
+            assert outcome.stage in ("fhir", "schema", "unit"), (path.name, outcome.stage, outcome.reason)
+            assert outcome.reason.startswith(("MedicationAdministration.", "Medication.", "body.")), (path.name, outcome.reason)
+    assert normalized >= 3
+    # On another topic a MedicationAdministration is routed away with the reason.
+    outcome = _normalize(json.loads(files[0].read_text(encoding="utf-8")), "lab")
+    assert isinstance(outcome, DeadLetter) and "treatment topic" in outcome.reason
+
+
+def test_a_censored_fhir_quantity_is_a_censored_result() -> None:
+    from schemas import example  # noqa: PLC0415
+
+    resource = example("lab.fhir-censored")
+    outcome = _normalize(resource, "lab")
+    assert isinstance(outcome, Observation), getattr(outcome, "reason", "")
+    decoded = decode_jsonld(outcome.value)
+    assert (decoded.comparator, decoded.value, decoded.unit) == ("<", 0.1, "ng/mL")
+    resource["valueQuantity"]["comparator"] = "~"
+    outcome = _normalize(resource, "lab")
+    assert isinstance(outcome, DeadLetter) and outcome.reason.startswith("Observation.valueQuantity.comparator")

@@ -162,7 +162,8 @@ def test_every_kind_reaches_the_observations_topic_and_the_store(worker: Worker,
         record = by_id[event["event_id"]]
         assert record.key == event["patient_id"]
         assert record.headers["content-type"] == "application/ld+json"
-        assert record.headers["kind"] == event["kind"] and record.headers["schema-version"] == "1.0"
+        # The observation's header carries the event's schema version as the feed sent it.
+        assert record.headers["kind"] == event["kind"] and record.headers["schema-version"] == event["schema_version"]
         assert record.timestamp_ms == timestamp_ms(parse_time(event["occurred_at"]))
         decoded = decode_jsonld(record.value)
         assert decoded.event_id == event["event_id"] and decoded.kind == event["kind"]

@@ -10,7 +10,7 @@ import pytest
 from rdflib import Graph
 from rdflib.compare import isomorphic
 
-from schemas import EVENT_KINDS, TERMS, example, normalize_event, parse_time
+from schemas import EVENT_KINDS, TERMS, example, example_names, normalize_event, parse_time
 from stream.decode import decode_graph, decode_jsonld
 from stream.rdf import CONTEXT, Provenance, build_event_graph
 
@@ -18,8 +18,8 @@ SOURCE = Provenance("oncotwin.events.lab.v1", 2, 41)
 
 
 def _events(cohort_events: list[dict]) -> list[dict]:
-    # The contract's examples plus one event of each kind from a virtual cohort.
-    events = [example(kind) for kind in EVENT_KINDS]
+    # The contract's examples (every native variant) plus events of each kind from a virtual cohort.
+    events = [example(name) for name in example_names() if name != "forecast" and ".fhir-" not in name]
     for kind in EVENT_KINDS:
         events.extend([e for e in cohort_events if e["kind"] == kind][:2])
     return events
@@ -87,6 +87,8 @@ def _expected_code(event: dict) -> str:
     if event["kind"] == "ctdna":
         return TERMS.for_ctdna_measure(body["measure"]).iri
     if event["kind"] == "imaging":
+        if "tumor_volume" not in body.get("measures", {}):  # no volume: the study is the resource
+            return TERMS.for_modality(body["modality"]).iri
         return TERMS.lookup("local", "tumor-volume").iri
     return TERMS.for_treatment(body["type"]).iri
 
@@ -111,9 +113,11 @@ def test_decode_gives_back_id_patient_time_code_value_unit(cohort_events: list[d
             assert math.isclose(decoded.value, body["canonical_value"], rel_tol=0, abs_tol=0)
             assert decoded.unit == body["canonical_unit"]
         elif event["kind"] == "imaging":
-            volume = body["measures"]["tumor_volume"]
-            assert decoded.value == volume["canonical_value"] and decoded.unit == "mL"
+            volume = body.get("measures", {}).get("tumor_volume")
+            if volume is not None:
+                assert decoded.value == volume["canonical_value"] and decoded.unit == "mL"
             assert decoded.study_uid == body["study_uid"] and decoded.modality == body["modality"]
+            assert decoded.series_uid == body.get("series_uid")
             assert decoded.voxel_spacing_mm == tuple(body["voxel_spacing_mm"])
             if "segmentation_uri" in body:
                 assert decoded.segmentation is not None
@@ -121,10 +125,44 @@ def test_decode_gives_back_id_patient_time_code_value_unit(cohort_events: list[d
                 assert decoded.segmentation.verified is False  # not resolved here
         else:
             assert decoded.treatment_type == body["type"]
-            assert decoded.value == body["dose"]["canonical_value"] and decoded.unit == body["dose"]["canonical_unit"]
+            if "dose" in body:  # not a surgery
+                assert decoded.value == body["dose"]["canonical_value"] and decoded.unit == body["dose"]["canonical_unit"]
             if body["type"] == "chemotherapy":
                 assert decoded.drug_name == body["drug"]["name"]
-                assert decoded.rxnorm == body["drug"].get("rxnorm")
+                assert decoded.drug_codes == tuple(sorted(body["drug"]["codes"]))
+                rxnorm = [c.rsplit("/", 1)[-1] for c in body["drug"]["codes"] if "/RXNORM/" in c]
+                assert decoded.rxnorm == (rxnorm[0] if rxnorm else None)
+        assert decoded.recorded_at == parse_time(event["recorded_at"])
+        assert dict(decoded.extensions) == {p: json.dumps(v, sort_keys=True, separators=(",", ":"))
+                                            for p, v in normalized["extensions"].items()}
+
+
+def test_both_decoders_give_back_every_fact_alike(cohort_events: list[dict]) -> None:
+    for event in _events(cohort_events):
+        graph = build_event_graph(normalize_event(event), SOURCE)
+        fast = decode_jsonld(graph.jsonld_bytes())
+        assert fast == decode_graph(Graph().parse(data=graph.jsonld_bytes(), format="json-ld")), event["event_id"]
+
+
+def test_the_variants_facts_are_decoded() -> None:
+    def decoded(name: str):
+        return decode_jsonld(build_event_graph(normalize_event(example(name)), SOURCE).jsonld_bytes())
+
+    below = decoded("ctdna.below-lod")
+    assert (below.comparator, below.value, below.below_lod, below.detection_limit) == ("<", 0.001, True, 0.001)
+    censored = decoded("lab.censored")
+    assert (censored.comparator, censored.value, censored.below_lod) == ("<", 0.1, False)
+    bevacizumab = decoded("treatment.chemotherapy-mg-kg")
+    assert (bevacizumab.reported_value, bevacizumab.reported_unit, bevacizumab.dose_unit) == (10.0, "mg/kg", "mg/m2")
+    assert (bevacizumab.body_weight_kg, bevacizumab.body_surface_area_m2, bevacizumab.total_dose_mg) == (78.5, 1.95, 785.0)
+    assert (bevacizumab.cycle, bevacizumab.day_of_cycle, bevacizumab.cycle_length_days, bevacizumab.line_of_therapy) == (3, 1, 14.0, 2)
+    assert bevacizumab.regimen == "lomustine + bevacizumab" and dict(bevacizumab.extensions) == {"body.phase": '"recurrence"'}
+    labelled = decoded("imaging.labelled")
+    # Not read here (no files): the mapping as sent (the normalizer adds 0 once it read the map).
+    assert labelled.segmentation_labels == ((1, "necrosis"), (2, "edema"), (4, "enhancing"))
+    assert labelled.label_convention == "explicit" and labelled.tissue_map is not None
+    study = decoded("imaging.study-only")
+    assert study.series_uid is None and study.segmentation is not None
 
 
 def test_ctdna_keeps_gene_variant_and_reported_percent() -> None:
@@ -139,3 +177,18 @@ def test_decoders_agree_on_a_foreign_context() -> None:
     graph = build_event_graph(normalize_event(example("lab")), SOURCE)
     expanded = Graph().parse(data=graph.jsonld_bytes(), format="json-ld").serialize(format="json-ld")
     assert decode_jsonld(expanded) == decode_jsonld(graph.jsonld_bytes())
+
+
+@pytest.mark.parametrize("document", [
+    {"@context": "http://127.0.0.1:9/never-answers.jsonld", "@id": "urn:x"},
+    {"@context": ["file:///etc/passwd", {"a": "http://example.org/a"}], "@id": "urn:x"},
+    {"@context": {"@import": "http://127.0.0.1:9/ctx"}, "@id": "urn:x"},
+    {"@graph": [{"@context": "file:///etc/hostname", "@id": "urn:y"}]},
+])
+def test_a_jsonld_context_by_url_is_refused_not_fetched(document):
+    # rdflib would load the context: a URL that never answers stalls the worker, a file: URL
+    # reads a local file. Only inline contexts are read.
+    from stream.decode import DecodeError, decode_jsonld
+
+    with pytest.raises(DecodeError, match="context by URL"):
+        decode_jsonld(document)

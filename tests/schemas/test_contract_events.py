@@ -36,7 +36,7 @@ def test_make_event_builds_a_valid_event_with_zoned_times() -> None:
     assert parse_time(event["occurred_at"]) == occurred
     assert parse_time(event["recorded_at"]) == recorded
     assert uuid.UUID(event["event_id"]).version == 4
-    assert event["schema_version"] == "1.0" and event["kind"] == "lab"
+    assert event["schema_version"] == "1.1" and event["kind"] == "lab"  # the contract's current minor version
 
 
 def test_make_event_is_deterministic_given_a_uuid5_and_recorded_at() -> None:

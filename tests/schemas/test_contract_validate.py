@@ -72,9 +72,11 @@ NEGATIVES = [
     ("lab", _set("patient_id", "VP-0002\n"), "patient_id", "pseudonym"),
     ("lab", _set("patient_id", "V1"), "patient_id", "pseudonym"),
     ("lab", _set("source", "   "), "source", "feed name"),
-    ("lab", _set("schema_version", "2.0"), "schema_version", "'1.0' was expected"),
+    ("lab", _set("schema_version", "2.0"), "schema_version", "not a version of the contract's major version 1"),
+    ("lab", _set("schema_version", "1.01"), "schema_version", "not a version of the contract's major version 1"),
+    ("lab", _set("schema_version", "v1"), "schema_version", "not a version of the contract's major version 1"),
+    ("lab", _set("schema_version", 1), "schema_version", "not of type 'string'"),
     ("lab", _set("kind", "xray"), "kind", "'xray' is not one of"),
-    ("lab", _set("extra", 1), "(root)", "'extra' was unexpected"),
     ("lab", _set("body.code", "99999-9"), "body.code", "'99999-9' is not a known LOINC code"),
     ("lab", _set("body.code", "PSA"), "body.code", "LOINC code"),
     (
@@ -281,10 +283,12 @@ def test_valid_variants_pass(kind: str, change: Callable[[Event], None]) -> None
 
 
 def test_a_body_of_another_kind_is_refused() -> None:
+    # A lab body under kind ctdna: its code is an extension of a ctDNA body, but the ctDNA
+    # fields it lacks are required.
     event = example("lab")
     event["kind"] = "ctdna"
     paths = {issue.path for issue in validate(event)}
-    assert {"body.measure", "body"} <= paths
+    assert "body.measure" in paths
 
 
 @pytest.mark.parametrize("junk", [None, [], "event", 3, b"{}", {"kind": None}])

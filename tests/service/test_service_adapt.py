@@ -42,6 +42,7 @@ def test_a_study_reads_its_volumes_and_the_anatomy(cohort: Cohort):
     assert np.array_equal(study.density, np.asarray(density, dtype=np.float32))
     assert study.segmentation.shape == study.tissue.shape == (16, 16, 16)
     assert set(np.unique(study.tissue)) <= {0, 1, 2} and study.tumor_volume_ml == decoded.volume_ml
+    assert study.recorded_at == decoded.recorded_at is not None  # the data time travels too
     # Without the anatomy fallback the published RDF has no tissue map (yet): no anatomy.
     # the anatomy arrives as a verified claim check in the observation, no fallback needed
     assert decoded.tissue_map is not None
@@ -105,9 +106,14 @@ def test_unmodelled_events_are_unsupported_and_unusable_doses_refused(cohort: Co
         adapt(dataclasses.replace(treatment, treatment_type="surgery"), config)
     chemo = next(decode_record(r.value) for r in cohort.records
                  if r.kind == "treatment" and decode_record(r.value).treatment_type == "chemotherapy")
+    # A dose in mg or mg/kg that no body size converted is carried as it is, saying its unit.
+    for unit in ("mg", "mg/kg"):
+        typed = adapt(dataclasses.replace(chemo, dose_unit=unit, reported_value=None, reported_unit=None), config)
+        assert (typed.dose, typed.unit, typed.reported_unit, typed.dose_mg_per_m2) == (chemo.dose, unit, unit, None)
+    assert adapt(chemo, config).dose_mg_per_m2 == chemo.dose
     with pytest.raises(AdaptError) as caught:
-        adapt(dataclasses.replace(chemo, dose_unit="mg"), config)
-    assert caught.value.stage == "adapt" and "mg/m2" in caught.value.reason
+        adapt(dataclasses.replace(chemo, dose_unit="g"), config)
+    assert caught.value.stage == "adapt" and "'g'" in caught.value.reason and "mg/kg" in caught.value.reason
     _, lab = _first(cohort, "lab")
     with pytest.raises(AdaptError):
         adapt(dataclasses.replace(lab, value=-1.0), config)

@@ -204,3 +204,21 @@ def test_presentation_learns_from_the_diagnostic_study_and_is_reproducible():
     assert bool(((a.log_params >= lo) & (a.log_params <= hi)).all())
     assert float(a.u.min()) >= 0.0 and float(a.u.max()) <= 1.0
     assert float(a.u[:, ~a.brain].abs().sum()) == 0.0
+
+
+def test_treatments_the_model_cannot_apply_are_recorded_not_simulated(twin0, first):
+    # A bevacizumab infusion in mg/kg and an unknown drug in mg/m² must not act as temozolomide;
+    # a temozolomide dose whose body size was not sent (mg) cannot be converted either.
+    t = first.time + timedelta(days=1)
+    common = dict(patient_id=first.patient_id, time=t, kind="chemotherapy")
+    bev = TreatmentEvent(event_id="bev", dose=10.0, unit="mg/kg", drug="bevacizumab", drug_code="253337",
+                         drug_system="rxnorm", **common)
+    other = TreatmentEvent(event_id="x", dose=100.0, unit="mg/m2", drug="somedrug", **common)
+    flat = TreatmentEvent(event_id="tmz-mg", dose=150.0, unit="mg", drug="temozolomide", drug_code="37776",
+                          drug_system="rxnorm", **common)
+    tmz = TreatmentEvent(event_id="tmz", dose=150.0, unit="mg/m2", drug="Temozolomide", **common)
+    twin, report = assimilate(twin0, [bev, other, flat, tmz], ETKF())
+    assert set(report.ignored) == {"bev", "x", "tmz-mg"}
+    assert "no model for drug rxnorm:253337" in report.ignored["bev"]
+    assert [r.event_id for r in twin.treatments] == ["tmz"]
+    assert set(report.applied) == {"bev", "x", "tmz-mg", "tmz"}  # all recorded: redelivery skips them
