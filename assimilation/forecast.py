@@ -125,7 +125,7 @@ class Forecast:
                 for h, days in enumerate(self.horizons_days)
             ]
             key = "|".join((self.patient_id, analysis_time, scenario, digest))
-            records.append({
+            record = {
                 "forecast_id": str(uuid.uuid5(FORECAST_NAMESPACE, key)),
                 "patient_id": self.patient_id,
                 "issued_at": format_time(issued_at),
@@ -139,7 +139,10 @@ class Forecast:
                 "diagnostics": {"parameters": {k: _q(v) for k, v in self.params.items()},
                                 "calibration": self.calibration,
                                 "model_error_per_day": self.model_error},
-            })
+            }
+            if self.data_time is not None:
+                record["data_time"] = format_time(self.data_time)
+            records.append(record)
         return records
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "MapNoise",
     "VoxelSelection",
     "compact_imaging",
+    "censor_block",
     "concat_blocks",
     "ctdna_operator",
     "density_operator",
@@ -491,6 +492,33 @@ def ctdna_operator(u: Tensor, log_shedding: Tensor, tumor_fraction: Tensor, voxe
     lod = math.log(noise.ctdna_lod)
     y = tumor_fraction.to(device=u.device, dtype=u.dtype).reshape(-1, 1).clamp_min(noise.ctdna_lod).log()
     return ObsBlock(log_tf.clamp_min(lod)[..., None], y, torch.full_like(y, noise.ctdna_log_sd ** 2))
+
+
+def censor_block(block: ObsBlock, below: bool, max_r: float = 1e6) -> ObsBlock:
+    """A censored scalar (m = 1) as the Gaussian pseudo-observation that gives the exact first
+    two moments of the censored posterior.
+
+    The observation says only that Y = X + e lies below (``below``) or above its limit L =
+    ``block.y``. With the members' prediction X ~ N(μ, S) (their mean and variance of HX) and
+    e ~ N(0, r), the posterior of X given Y < L has (Tobin's truncated moments, α = (L − μ)/√(S + r),
+    λ = φ(α)/Φ(α)) mean μ − S λ/√(S + r) and variance S − S² λ (α + λ)/(S + r). A Kalman update
+    with y*, r* reproduces both when r* = S v/(S − v) and y* = μ + (m − μ)(S + r*)/S. A
+    prediction well inside the censored side gives λ → 0, r* → ∞: no information, as it should;
+    one on the wrong side is pulled across. ``block``: HX [P, N, 1], y [P, 1] (the limit), r_var."""
+    hx = block.HX.to(torch.float64)
+    mu, S = hx.mean(1), hx.var(1, unbiased=True).clamp_min(0.0)  # [P, 1]
+    r = block.r_var.to(torch.float64)
+    L = block.y.to(torch.float64)
+    sign = 1.0 if below else -1.0  # above: the same on -X
+    tot = (S + r).sqrt()
+    alpha = sign * (L - mu) / tot
+    lam = torch.exp(-0.5 * alpha ** 2) / math.sqrt(2 * math.pi) / torch.special.ndtr(alpha).clamp_min(1e-300)
+    m = mu - sign * S * lam / tot
+    v = (S - S ** 2 * lam * (alpha + lam) / (S + r)).clamp_min(0.0)
+    informative = (S > 1e-12) & (S - v > 1e-9 * S)
+    r_star = torch.where(informative, S * v / (S - v).clamp_min(1e-300), torch.full_like(S, max_r)).clamp(max=max_r)
+    y_star = torch.where(informative, mu + (m - mu) * (S + r_star) / S.clamp_min(1e-300), mu)
+    return ObsBlock(block.HX, y_star.to(block.y.dtype), r_star.to(block.r_var.dtype), block.locations)
 
 
 def concat_blocks(blocks: Sequence[ObsBlock]) -> ObsBlock:

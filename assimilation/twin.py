@@ -51,12 +51,13 @@ from .observations import (
     TreatmentEvent,
     as_tensor,
 )
-from .calibration import VOLUME_LOG_OFFSET_ML, PredictiveCheck, checks_of
+from .calibration import VOLUME_LOG_OFFSET_ML, PredictiveCheck, checks_of, pit
 from .operators import (
     CompactImaging,
     NoiseModel,
     ObsBlock,
     VoxelSelection,
+    censor_block,
     compact_imaging,
     concat_blocks,
     ctdna_operator,
@@ -634,11 +635,15 @@ def _scalar_blocks(twin: PatientTwin, items: Sequence[ObservationBase], config: 
     blocks = []
     for o in items:
         if isinstance(o, MarkerObservation):
-            blocks.append(marker_operator(u, lp[..., i("marker_shedding")], torch.tensor([float(o.value)]),
-                                          twin.prior.marker_baseline, voxel_ml, config.noise))
+            block = marker_operator(u, lp[..., i("marker_shedding")], torch.tensor([float(o.value)]),
+                                    twin.prior.marker_baseline, voxel_ml, config.noise)
         elif isinstance(o, CtdnaObservation):
-            blocks.append(ctdna_operator(u, lp[..., i("ctdna_shedding")], torch.tensor([float(o.tumor_fraction)]),
-                                         voxel_ml, config.noise))
+            block = ctdna_operator(u, lp[..., i("ctdna_shedding")], torch.tensor([float(o.tumor_fraction)]),
+                                   voxel_ml, config.noise)
+        else:
+            continue
+        # A result beyond the assay's limit says on which side of it the value lies, no more.
+        blocks.append(censor_block(block, below=o.comparator in ("<", "<=")) if o.comparator else block)
     return blocks
 
 
@@ -808,8 +813,17 @@ def _predictive_checks(twin: PatientTwin, scalars: Sequence[ObservationBase], st
     checks: list[PredictiveCheck] = []
     dt = twin.clock - twin.last_analysis if twin.last_analysis is not None else 0.0
     observed = [o for o in scalars if isinstance(o, (MarkerObservation, CtdnaObservation))]
-    for o, block in zip(observed, _scalar_blocks(twin, observed, config)):
+    uncensored = [replace(o, comparator=None, limit=None) for o in observed]
+    for o, block in zip(observed, _scalar_blocks(twin, uncensored, config)):
         name = f"marker:{o.code}" if isinstance(o, MarkerObservation) else "ctdna_tumor_fraction"
+        if o.comparator:
+            # Censored: the PIT is uniform over the censored side's share F of the prediction
+            # (its midpoint is taken); it teaches nothing about the size of the model's error.
+            below = pit(block.HX[0], block.y[0], block.r_var[0]).item()
+            share = below if o.comparator in ("<", "<=") else 1.0 - below
+            mid = 0.5 * share if o.comparator in ("<", "<=") else 1.0 - 0.5 * share
+            checks.append(PredictiveCheck(name, float(twin.clock), o.event_id, float(mid)))
+            continue
         checks += checks_of([name], block.HX, block.y, block.r_var, twin.clock, [o.event_id], dt)
     voxel_ml = twin.grid.voxel_volume_ml
     c = VOLUME_LOG_OFFSET_ML

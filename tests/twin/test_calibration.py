@@ -177,4 +177,11 @@ def test_a_twin_knows_the_data_time_of_what_it_has_applied(events):
     expected = max(o.recorded_at for o in stamped)
     assert twin.data_time == expected
     assert decode_twin(encode_twin(twin)).data_time == expected
-    assert forecast(twin, (30.0,)).data_time == expected
+    fc = forecast(twin, (30.0,))
+    assert fc.data_time == expected
+    from datetime import datetime, timezone
+
+    from schemas import parse_time, validate_forecast
+
+    record = fc.to_records(datetime(2026, 1, 1, tzinfo=timezone.utc))[0]
+    assert validate_forecast(record) == [] and parse_time(record["data_time"]) == expected
