@@ -5,8 +5,8 @@ pseudonym with its event time as the record timestamp, either as fast as possibl
 that wall time runs ``speed`` times faster than event time (``--speed 86400`` plays a day per
 second). ``--from`` / ``--until`` keep the events whose occurred_at lies in [from, until).
 
-``produce`` sends JSONL logs, JSON events (one or a list), FHIR R4 Observations and FHIR
-Bundles of Observations to the topic of their kind. Anything that would be dead-lettered for
+``produce`` sends JSONL logs, JSON events (one or a list), FHIR R4 Observations and
+MedicationAdministrations, and FHIR Bundles of them to the topic of their kind. Anything that would be dead-lettered for
 its content is refused here already ("rejected locally", with the reason), so a producer
 learns at once; the normalizer still checks everything it receives.
 """
@@ -24,7 +24,10 @@ from typing import Any
 
 from schemas import parse_time, validate
 from stream.eventlog import read_lines
-from stream.fhir import FhirError, is_fhir, observation_to_event
+from stream.fhir import FhirError, is_fhir, resource_to_event
+
+# The FHIR resources that are events (stream.fhir.resource_to_event converts them).
+FHIR_EVENT_RESOURCES = ("Observation", "MedicationAdministration")
 from stream.producer import DeliveryError, EventProducer, record_headers, timestamp_ms
 from stream.settings import KafkaSettings
 from stream.topics import Topics
@@ -64,7 +67,7 @@ class Outgoing:
 def _route(document: Any, raw: bytes, where: str, summary: SendSummary) -> Outgoing | None:
     if is_fhir(document):
         try:
-            event = observation_to_event(document).event
+            event = resource_to_event(document).event
         except FhirError as exc:
             summary.reject(where, f"{exc.field}: {exc.reason}")
             return None
@@ -106,7 +109,7 @@ def read_file(path: Path, summary: SendSummary) -> Iterator[Outgoing]:
         for index, entry in enumerate(document.get("entry") or []):
             resource = entry.get("resource") if isinstance(entry, dict) else None
             where = f"{path}#entry[{index}]"
-            if not isinstance(resource, dict) or resource.get("resourceType") != "Observation":
+            if not isinstance(resource, dict) or resource.get("resourceType") not in FHIR_EVENT_RESOURCES:
                 continue  # Patients, Conditions... of a bundle are not events
             out = _route(resource, json.dumps(resource, ensure_ascii=False).encode(), where, summary)
             if out is not None:

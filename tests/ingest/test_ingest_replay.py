@@ -108,3 +108,16 @@ def test_produce_files_sends_valid_records_and_reports_the_rest(
         record = by_id[event["event_id"]]
         assert record.key == event["patient_id"] and record.topic == topics.event_topic(event["kind"])
         assert record.timestamp_ms == timestamp_ms(parse_time(event["occurred_at"]))
+
+
+def test_produce_routes_a_medication_administration_in_a_bundle_to_the_treatment_topic(tmp_path: Path) -> None:
+    from stream.replay import SendSummary, read_file
+
+    admin = example("treatment.fhir-medication-administration")
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"resource": {"resourceType": "Patient", "id": "x"}}, {"resource": admin}]}
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle))
+    summary = SendSummary()
+    out = list(read_file(path, summary))
+    assert [o.kind for o in out] == ["treatment"] and not summary.rejected
