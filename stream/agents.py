@@ -70,13 +70,10 @@ from stream.normalizer import BatchResult, Normalizer, NormalizerSettings, Obser
 from stream.producer import DeliveryError, DeliveryFailure, EventProducer, Outgoing
 from stream.rdfstore import RdfStore
 from stream.settings import KafkaSettings
+from stream.shutdown import EXIT_SHUTDOWN_TIMEOUT, SHUTDOWN_S, start_deadline  # noqa: F401  (the first two re-exported)
 from stream.topics import Topics, ensure_topics
 
 log = logging.getLogger(__name__)
-
-# Seconds from SIGTERM to the end of the process, whatever faust or the brokers do meanwhile.
-SHUTDOWN_S = 9.0
-EXIT_SHUTDOWN_TIMEOUT = 70  # the exit status when SHUTDOWN_S ran out (EX_SOFTWARE)
 
 # name -> (default, help), in the shape of stream.settings.ENV_VARS.
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -770,18 +767,10 @@ def _begin_shutdown(app: Any) -> None:
     state = app.normalizer_state
     if state.get("service") is not None:
         state["service"].stop()
-    if "deadline" in state:
-        return
-
-    def expire() -> None:
-        log.error("the normalizer did not stop within %g s of the signal (brokers unreachable?): exiting; "
-                  "what was not committed is read again after the restart", SHUTDOWN_S)
-        logging.shutdown()
-        os._exit(EXIT_SHUTDOWN_TIMEOUT)
-
-    state["deadline"] = threading.Timer(SHUTDOWN_S, expire)
-    state["deadline"].daemon = True
-    state["deadline"].start()
+    if "deadline" not in state:
+        # Started here, not by stream.shutdown.on_signal_delivery: faust's asyncio loop owns
+        # the signals and the wakeup fd.
+        state["deadline"] = start_deadline("normalizer")
 
 
 def main() -> int:  # pragma: no cover - entry point

@@ -42,7 +42,10 @@ once; the twin follows through the shared store URL.
 Shutdown: ``install_signal_handlers`` makes SIGTERM / SIGINT set the stop event; the loop
 finishes its batch, commits, closes the consumer (leaving the group, so its partitions move at
 once) and the producer, and returns. A batch whose records the brokers do not acknowledge within
-``stop_grace_s`` of the stop is given up uncommitted (read again after the restart).
+``stop_grace_s`` of the stop is given up uncommitted (read again after the restart). Committing
+and leaving the group can block for good against brokers that stopped answering: ``run_worker``
+ends the process ``stream.shutdown.SHUTDOWN_S`` after the signal if it is still running then
+(exit status ``EXIT_SHUTDOWN_TIMEOUT``, as after a crash: the batch in flight stays uncommitted).
 
 Metrics (stream.metrics, a registry per worker): records, each accounted for as an observation,
 a dead letter or a duplicate, events by kind and outcome, analyses, dead letters by stage,
@@ -88,6 +91,7 @@ from stream.deadletter import DeadLetter, failure_trace
 from stream.metrics import MetricsServer, WorkerMetrics
 from stream.producer import DeliveryError, DeliveryFailure, EventProducer, Outgoing, record_headers
 from stream.settings import KafkaSettings
+from stream.shutdown import SHUTDOWN_S, on_signal_delivery, start_deadline
 from stream.volumes import nifti_bytes
 from stream.topics import Topics, ensure_topics
 
@@ -793,17 +797,42 @@ class Worker:
 # -- signals --------------------------------------------------------------------------------
 
 
-def install_signal_handlers(stop_event: threading.Event) -> dict[int, Any]:
+def install_signal_handlers(stop_event: threading.Event, shutdown_s: float | None = None) -> Callable[[], None]:
     """SIGTERM and SIGINT set ``stop_event`` (the loop then finishes its batch and leaves the
-    group). Returns the previous handlers. Call from the main thread."""
+    group). With ``shutdown_s`` (seconds), the first signal also starts a deadline that ends the
+    process ``shutdown_s`` later if it still runs (``stream.shutdown.start_deadline``), even
+    while the main thread waits in librdkafka. Returns a function that cancels the deadline
+    (the handlers stay). Call from the main thread."""
     def handler(signum: int, frame: FrameType | None) -> None:
         log.info("%s: finishing the batch, committing and leaving the group", signal.Signals(signum).name)
         stop_event.set()
 
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.signal(signum, handler)
-    return previous
+    signals = {signal.SIGTERM, signal.SIGINT}
+    for signum in signals:
+        signal.signal(signum, handler)
+    if shutdown_s is None:
+        return lambda: None
+    lock = threading.Lock()
+    deadline: list[threading.Timer | None] = []  # [timer] once started, [None] once disarmed
+
+    def delivered(signum: int) -> None:
+        # The watcher's thread: Python handlers wait for the main thread, which a synchronous
+        # commit or a close against a frozen broker can hold for good.
+        stop_event.set()
+        with lock:
+            if not deadline:
+                deadline.append(start_deadline("worker", shutdown_s))
+
+    stop_watching = on_signal_delivery(signals, delivered)
+
+    def disarm() -> None:
+        stop_watching()
+        with lock:
+            if deadline and deadline[0] is not None:
+                deadline[0].cancel()
+            deadline[:] = [None]
+
+    return disarm
 
 
 # -- composition ----------------------------------------------------------------------------
@@ -906,8 +935,7 @@ def run_worker(
     settings = settings or WorkerSettings.from_env()
     kafka, broker = ensure_broker(kafka)
     stop_event = stop_event or threading.Event()
-    if install_signals:
-        install_signal_handlers(stop_event)
+    disarm = install_signal_handlers(stop_event, SHUTDOWN_S) if install_signals else (lambda: None)
     try:
         topics = Topics.from_settings(kafka)
         if create_topics:
@@ -928,6 +956,8 @@ def run_worker(
     finally:
         if broker is not None:
             broker.stop()
+        # Stopped in time: what the caller does next is not the worker's shutdown.
+        disarm()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
