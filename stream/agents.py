@@ -65,7 +65,7 @@ import orjson
 from confluent_kafka import KafkaError
 
 from stream.consumer import Record
-from stream.deadletter import DeadLetter, Issue
+from stream.deadletter import DeadLetter, Issue, failure_trace
 from stream.normalizer import BatchResult, Normalizer, NormalizerSettings, Observation, SourceRecord
 from stream.producer import DeliveryError, DeliveryFailure, EventProducer, Outgoing
 from stream.rdfstore import RdfStore
@@ -445,8 +445,8 @@ class NormalizerService:
                 except concurrent.futures.TimeoutError:
                     log.error("%d event(s) not stored at shutdown: their batches stay uncommitted", self._unstored_events)
                     break
-                except Exception:  # noqa: BLE001  (shutting down: the batch is read again after a restart)
-                    log.exception("storing the last batches failed at shutdown")
+                except Exception as exc:  # noqa: BLE001  (shutting down: the batch is read again after a restart)
+                    log.error("storing the last batches failed at shutdown: %s", failure_trace(exc))
                     break
                 self._wait_oldest()
             if self._store_writer.close(max(0.1, left())):
@@ -559,8 +559,8 @@ class StoreWriter:
                 if job.on_durable is not None:
                     try:
                         job.on_durable()
-                    except Exception:  # noqa: BLE001  (the batch is stored; it is read again if not acked)
-                        log.exception("reporting a stored batch failed")
+                    except Exception as exc:  # noqa: BLE001  (the batch is stored; it is read again if not acked)
+                        log.error("reporting a stored batch failed: %s", failure_trace(exc))
                 job.done.set_result(None)
 
 

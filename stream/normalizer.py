@@ -35,7 +35,7 @@ import orjson
 
 from schemas import ContractError, EventValidationError, normalize_event, parse_time
 from schemas.validate import format_path
-from stream.deadletter import DeadLetter, Issue
+from stream.deadletter import DeadLetter, Issue, failure_trace
 from stream.fhir import RESOURCE_TOPIC_KINDS, FhirError, is_fhir, resource_to_event
 from stream.imaging import FileCheckError, ImagingConfig, file_facts
 from stream.producer import record_headers, timestamp_ms
@@ -163,7 +163,9 @@ class Normalizer:
         try:
             return self._prepare(record, now or self.clock())
         except Exception as exc:  # noqa: BLE001  (a bad record must never stop the agent)
-            log.exception("normalizer failed on %s[%d]@%d", record.topic, record.partition, record.offset)
+            # The message stays in the dead letter: it can quote the record's values.
+            log.error("normalizer failed on %s[%d]@%d: %s", record.topic, record.partition, record.offset,
+                      failure_trace(exc))
             return self._dead(record, "internal", f"the normalizer failed on this record ({type(exc).__name__}: {str(exc)[:200]}); please report it")
 
     def _prepare(self, record: SourceRecord, now: datetime) -> Observation | DeadLetter:
@@ -334,8 +336,9 @@ class Normalizer:
         batch at every redelivery)."""
         try:
             return self._process(records, seen)
-        except Exception:  # noqa: BLE001
-            log.exception("normalizing a batch of %d records failed; going again record by record", len(records))
+        except Exception as exc:  # noqa: BLE001
+            log.error("normalizing a batch of %d records failed (%s); going again record by record",
+                      len(records), failure_trace(exc))
         result = BatchResult()
         for record in records:
             try:
@@ -371,8 +374,8 @@ class Normalizer:
             pending.append(outcome)
         try:
             verdicts = self.shapes.validate_batch([o.graph for o in pending])
-        except Exception:  # noqa: BLE001  (the validator itself failed: judge graphs one by one)
-            log.exception("SHACL validation of a batch failed; validating its graphs one by one")
+        except Exception as exc:  # noqa: BLE001  (the validator itself failed: judge graphs one by one)
+            log.error("SHACL validation of a batch failed (%s); validating its graphs one by one", failure_trace(exc))
             verdicts = [self._validate_one(o) for o in pending]
         for observation, violations in zip(pending, verdicts):
             if violations:
@@ -401,7 +404,7 @@ class Normalizer:
                 )
                 continue
             except Exception as exc:  # noqa: BLE001  (one record must never fail its batch)
-                log.exception("serializing event %s failed", observation.event_id)
+                log.error("serializing event %s failed: %s", observation.event_id, failure_trace(exc))
                 result.dead_letters.append(
                     self._dead(observation.source, "internal",
                                f"the normalizer failed on this record ({type(exc).__name__}: {str(exc)[:200]}); please report it",

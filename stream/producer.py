@@ -175,7 +175,9 @@ class EventProducer:
             if on_result is None:
                 raise
             code = KafkaError._INVALID_ARG if isinstance(exc, UnicodeError) else KafkaError.INVALID_TIMESTAMP
-            self._refuse(topic, key, f"{type(exc).__name__}: {exc}", code, True, on_result)
+            # Not the message: a UnicodeEncodeError quotes the record's character.
+            self._refuse(topic, key, f"{type(exc).__name__}: a key, header or timestamp the client cannot send",
+                         code, True, on_result)
             return
 
         deadline = time.monotonic() + self.send_timeout

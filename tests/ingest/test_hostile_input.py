@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import copy
 import json
+import logging
 import math
 import uuid
 from collections import Counter
@@ -596,3 +597,22 @@ def test_a_batch_of_every_named_case_still_publishes_its_valid_events(normalizer
     result = normalizer.process(batch)
     assert [d.stage for d in result.dead_letters] == ["schema", "parse", "routing", "parse", "claim-check", "schema"]
     assert [o.source.offset for o in result.observations] == [6, 7, 8]
+
+
+def test_an_internal_failure_logs_where_not_what(caplog, monkeypatch):
+    # A failure no stage catches becomes an internal dead letter; its message (which can quote
+    # the record's values) stays in the dead letter, the log line names type and place only.
+    from stream import normalizer as module
+
+    def boom(*args, **kwargs):
+        raise ValueError("could not use 'DOE^JOHN' 4242.4242")
+
+    monkeypatch.setattr(module, "build_event_graph", boom)
+    norm = module.Normalizer(module.NormalizerSettings(), module.Topics())
+    event = example_of("lab")
+    record = module.SourceRecord("oncotwin.events.lab.v1", 0, 7, event["patient_id"], json.dumps(event).encode())
+    with caplog.at_level(logging.DEBUG):
+        result = norm.process([record])
+    assert [d.stage for d in result.dead_letters] == ["internal"]
+    assert "DOE^JOHN" in result.dead_letters[0].reason
+    assert "ValueError" in caplog.text and "DOE^JOHN" not in caplog.text and "4242" not in caplog.text
