@@ -51,8 +51,8 @@ class PredictiveCheck:
     pit:      P(prediction ≤ observation) under the predictive mixture, in [0, 1].
     In the log space of the quantity (``log_space``): innovation (observed minus the members'
     mean), spread_var (the members' variance), r_var (the observation's error variance), and
-    dt_days, the days the prediction was made over (since the previous analysis; 0 when none):
-    what ``model_error_rate`` learns from.
+    dt_days, the prediction's lead time (days since the quantity was last observed, or since
+    the twin's first study): what ``model_error_rate`` learns from.
     """
 
     quantity: str

@@ -811,7 +811,13 @@ def _predictive_checks(twin: PatientTwin, scalars: Sequence[ObservationBase], st
     """How each scalar about to be analysed falls in the prior's prediction of it: markers,
     ctDNA and each study's visible volume (``calibration.pit``; exact, no draws)."""
     checks: list[PredictiveCheck] = []
-    dt = twin.clock - twin.last_analysis if twin.last_analysis is not None else 0.0
+    # The lead time of a prediction is the time since the quantity was last observed (the
+    # study that started the twin for the first): analyses of other quantities in between
+    # hardly correct it, so its model error has grown over all of that time.
+    last_seen: dict[str, float] = {}
+    for c in twin.checks:
+        last_seen[c.quantity] = c.t_days
+    lead = lambda name: twin.clock - last_seen.get(name, twin.started_at)  # noqa: E731
     observed = [o for o in scalars if isinstance(o, (MarkerObservation, CtdnaObservation))]
     uncensored = [replace(o, comparator=None, limit=None) for o in observed]
     for o, block in zip(observed, _scalar_blocks(twin, uncensored, config)):
@@ -824,7 +830,7 @@ def _predictive_checks(twin: PatientTwin, scalars: Sequence[ObservationBase], st
             mid = 0.5 * share if o.comparator in ("<", "<=") else 1.0 - 0.5 * share
             checks.append(PredictiveCheck(name, float(twin.clock), o.event_id, float(mid)))
             continue
-        checks += checks_of([name], block.HX, block.y, block.r_var, twin.clock, [o.event_id], dt)
+        checks += checks_of([name], block.HX, block.y, block.r_var, twin.clock, [o.event_id], lead(name))
     voxel_ml = twin.grid.voxel_volume_ml
     c = VOLUME_LOG_OFFSET_ML
     for study in studies:
@@ -833,7 +839,7 @@ def _predictive_checks(twin: PatientTwin, scalars: Sequence[ObservationBase], st
         block = volume_operator(twin.u[None], torch.tensor([float(study.tumor_volume_ml)]), voxel_ml, config.noise)
         # In log(V + c), with the volume's error variance carried over to first order.
         checks += checks_of(["tumor_volume_ml"], (block.HX + c).log(), (block.y + c).log(),
-                            block.r_var / (block.y + c) ** 2, twin.clock, [study.event_id], dt)
+                            block.r_var / (block.y + c) ** 2, twin.clock, [study.event_id], lead("tumor_volume_ml"))
     return checks
 
 
