@@ -44,8 +44,12 @@ def test_quantiles_are_ordered_and_maps_are_probabilities(rehearsal, untreated):
     assert fc.prob_visible.shape == (3, 4, 16, 16, 16)
     assert float(fc.prob_visible.min()) >= 0.0 and float(fc.prob_visible.max()) <= 1.0
     assert bool((fc.ctdna_fraction >= 0).all() and (fc.ctdna_fraction < 1).all())
-    # marker >= its tumour-independent baseline
-    assert bool((fc.marker >= 180.0 - 1e-3).all())
+    # every member's marker >= its tumour-independent baseline, so the median is too; the
+    # interval may reach below it only through the model error the twin has learnt (a lab
+    # result can fall under the population baseline)
+    assert bool((fc.marker[..., 1] >= 180.0 - 1e-3).all())
+    if fc.model_error["marker"] == 0.0:
+        assert bool((fc.marker >= 180.0 - 1e-3).all())
     # the map and the volumes describe the same members: the expected visible volume (sum of
     # probabilities x voxel volume) lies within the volume's 95 % interval, and nothing is
     # visible outside the brain
