@@ -194,8 +194,9 @@ def model_error_rates(twin: PatientTwin, config: TwinConfig) -> dict[str, float]
     from its predictive checks (``calibration.model_error_rate``)."""
     prior = dict(config.model_error_prior)
     group = lambda q: "marker" if q.startswith("marker:") else q  # noqa: E731
-    return {g: model_error_rate((c for c in twin.checks if group(c.quantity) == g), rate,
-                                config.model_error_prior_days)
+    return {g: min(config.model_error_max_rate,
+                   model_error_rate((c for c in twin.checks if group(c.quantity) == g), rate,
+                                    config.model_error_prior_days))
             for g, rate in prior.items()}
 
 

@@ -173,6 +173,9 @@ class TwinConfig:
                        predictive checks (``calibration.model_error_rate``) with this prior,
                        weighted as this many days of predictions; forecasts are dressed with it
                        (their intervals widen with the horizon as the model's error grows).
+                       ``model_error_max_rate`` caps the learnt rate (log-variance per day; 0.02
+                       is a log-sd of 1.9, a factor ~7, at 180 days): a few surprising checks
+                       must not make a forecast's interval span orders of magnitude.
     """
 
     dt_days: float = 1.0
@@ -196,6 +199,7 @@ class TwinConfig:
     model_error_prior: tuple[tuple[str, float], ...] = (("tumor_volume_ml", 0.0), ("marker", 0.0),
                                                          ("ctdna_tumor_fraction", 0.0))
     model_error_prior_days: float = 90.0
+    model_error_max_rate: float = 0.02
     model_version: str = MODEL_VERSION
 
 

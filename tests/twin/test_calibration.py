@@ -185,3 +185,15 @@ def test_a_twin_knows_the_data_time_of_what_it_has_applied(events):
 
     record = fc.to_records(datetime(2026, 1, 1, tzinfo=timezone.utc))[0]
     assert validate_forecast(record) == [] and parse_time(record["data_time"]) == expected
+
+
+def test_the_learnt_model_error_is_capped(events):
+    from assimilation.forecast import model_error_rates
+    from assimilation.twin import TwinConfig
+
+    first = next(o for o in events if isinstance(o, ImagingObservation))
+    twin = init_twin(first.patient_id, first, 8)
+    wild = tuple(PredictiveCheck("tumor_volume_ml", float(k), f"e{k}", 0.999, innovation=5.0, spread_var=0.01,
+                                 r_var=0.01, dt_days=10.0) for k in range(20))
+    rates = model_error_rates(replace(twin, checks=wild), TwinConfig())
+    assert rates["tumor_volume_ml"] == TwinConfig().model_error_max_rate
