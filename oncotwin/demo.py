@@ -114,7 +114,7 @@ def score_patient(patient: VirtualPatient, fc) -> list[Score]:
     return scores
 
 
-class _Normalizer:
+class NormalizerProcess:
     """The faust normalizer as a child process, stopped with SIGTERM (it drains and commits)."""
 
     def __init__(self, kafka: KafkaSettings, imaging_root: Path, data_dir: Path, log_path: Path) -> None:
@@ -163,7 +163,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console) -> tuple[list[Virt
         events = read_events(written.events_path)
         console.print(f"cohort: {len(patients)} patients, {written.n_events} events in {written.events_path}")
 
-        normalizer = _Normalizer(kafka, cohort_root, data_dir, out / "normalizer.log")
+        normalizer = NormalizerProcess(kafka, cohort_root, data_dir, out / "normalizer.log")
         sent = replay(kafka, written.events_path)
         if sent.rejected or sent.failed:
             console.print(f"[yellow]replay: {sent.rejected} rejected, {sent.failed} failed[/]")

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,6 +27,7 @@ import torch
 
 from assimilation.engine import Engine
 from assimilation.store import StateStore
+from oncotwin.demo import NormalizerProcess
 from schemas import parse_time
 from stream.broker import ensure_broker
 from stream.eventlog import dumps
@@ -86,28 +83,6 @@ def _probability_maps(store: StateStore, record: dict) -> torch.Tensor:
     return torch.from_numpy(np.moveaxis(maps, -1, 0).copy())[None]
 
 
-class _Normalizer:
-    """The faust normalizer as a child process, stopped with SIGTERM (it drains and commits)."""
-
-    def __init__(self, kafka: KafkaSettings, imaging_root: Path, data_dir: Path, log_path: Path) -> None:
-        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, ONCOTWIN_TOPIC_PREFIX=kafka.topic_prefix,
-                   ONCOTWIN_IMAGING_ROOT=str(imaging_root), ONCOTWIN_DATA_DIR=str(data_dir),
-                   ONCOTWIN_NORMALIZER_WEB_PORT="0")
-        self.log = log_path.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.agents"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def _rounds(patients: Sequence[Patient], written: WrittenCohort, dropped: Counter) -> list[list[dict]]:
     """Every patient's downgraded deliveries merged in delivery order, cut after each patient's
     second scan and every later scan (the boundaries of ``run.run_patient``)."""
@@ -147,7 +122,7 @@ def run_service_set(patients: Sequence[Patient], written: WrittenCohort, config:
     records: list[dict] = []
     try:
         ensure_topics(kafka, topics)
-        normalizer = _Normalizer(kafka, root, data_dir, root / "normalizer.log")
+        normalizer = NormalizerProcess(kafka, root, data_dir, root / "normalizer.log")
         worker = Worker(kafka, Engine(StateStore(state_dir.as_uri()), config.engine_config()), topics, root,
                         group_id=f"{topics.prefix}-workers", max_batch=256)
         producer = EventProducer(kafka)
