@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import (
-    EVENT_KINDS,
     TERMS,
     ValidationIssue,
     convert,
