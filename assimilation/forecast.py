@@ -205,14 +205,15 @@ def _dressed(x: Tensor, var: Tensor, log_offset: float) -> Tensor:
     with log-normal model error of log-variance ``var`` [H]: quantiles of the mixture
     (1/N) Σ N(log(x_i + c), var) mapped back, c = ``log_offset``. Undressed (var 0): the
     members' own quantiles."""
+    plain = _quantiles(x, dim=2)
     if not bool((var > 0).any()):
-        return _quantiles(x, dim=2)
+        return plain
     c = log_offset
     centres = (x.to(torch.float64) + c).clamp_min(1e-300).log()
     q = mixture_quantiles(centres, var[None, :].expand(x.shape[0], -1), QUANTILES)
     dressed = (q.exp() - c).clamp_min(0.0).to(x.dtype)
     # Horizons without model error keep the members' quantiles exactly.
-    return torch.where((var > 0)[None, :, None], dressed, _quantiles(x, dim=2))
+    return torch.where((var > 0)[None, :, None], dressed, plain)
 
 
 def forecast(twin: PatientTwin, horizons: Sequence[float] = DEFAULT_HORIZONS,
